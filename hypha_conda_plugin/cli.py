@@ -1,0 +1,179 @@
+"""Command line: the standalone worker (default), ``serve`` and ``channel build``.
+
+python -m hypha_conda_plugin --server-url URL --workspace WS --token T
+python -m hypha_conda_plugin serve [--port 9527]
+python -m hypha_conda_plugin channel build OUT [REQUIREMENT ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from hypha_conda_plugin import __version__
+from hypha_conda_plugin.settings import Settings, SettingsError
+
+logger = logging.getLogger("hypha_conda_plugin")
+
+
+def _worker_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hypha_conda_plugin",
+        description="Run the conda worker on this machine and register it with a Hypha "
+        "server. Every flag can also come from a HYPHA_* variable. Other "
+        "commands: 'serve' (local Hypha server with the worker), 'channel build' "
+        "(offline conda channel).",
+    )
+    add = parser.add_argument
+    add("--server-url", help="Hypha server URL (HYPHA_SERVER_URL)")
+    add("--workspace", help="workspace to register in (HYPHA_WORKSPACE)")
+    add("--token", help="token for that workspace (HYPHA_TOKEN)")
+    add("--service-id", help="service id (HYPHA_SERVICE_ID, default conda-worker)")
+    add(
+        "--visibility",
+        choices=["public", "protected"],
+        help="service visibility (HYPHA_VISIBILITY, default protected)",
+    )
+    add("--cache-dir", help="environment cache (HYPHA_CACHE_DIR, default ~/.hypha_conda_cache)")
+    add(
+        "--working-dir",
+        help="session folders (HYPHA_WORKING_DIR, default /tmp/hypha_sessions_<id>)",
+    )
+    add(
+        "--authorized-workspaces",
+        help="comma-separated workspaces allowed to use the worker (HYPHA_AUTHORIZED_WORKSPACES)",
+    )
+    add("--verbose", "-v", action="store_true", help="debug logging")
+    add("--version", action="version", version=f"hypha-conda-plugin {__version__}")
+    return parser
+
+
+def _serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hypha_conda_plugin serve",
+        description="Start a local Hypha server (127.0.0.1) with the conda worker and an "
+        "in-memory S3 store for the artifact manager, until Ctrl+C.",
+    )
+    parser.add_argument("--port", type=int, default=9527)
+    parser.add_argument(
+        "--data-dir", default=".hypha-local", help="folder for the server's database and logs"
+    )
+    parser.add_argument("--no-s3", action="store_true", help="run without the artifact manager")
+    return parser
+
+
+def _channel_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hypha_conda_plugin channel",
+        description="Build an offline conda channel from this Python and PyPI wheels; use it "
+        "with CONDA_CHANNEL_ALIAS where conda-forge cannot be reached.",
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    build = sub.add_parser("build", help="build or update a channel")
+    build.add_argument("out", type=Path, help="channel root to write")
+    build.add_argument(
+        "requirements",
+        nargs="*",
+        help="extra PyPI requirements (ipykernel, hypha-rpc, pip always included)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = args[0] if args and args[0] in ("serve", "channel", "worker") else "worker"
+    if args and args[0] == command:
+        args = args[1:]
+    handlers = {"worker": _run_worker, "serve": _run_serve, "channel": _run_channel}
+    sys.exit(handlers[command](args))
+
+
+def _run_worker(argv: list[str]) -> int:
+    parser = _worker_parser()
+    options = parser.parse_args(argv)
+    try:
+        settings = Settings.from_cli(vars(options))
+    except SettingsError as error:
+        parser.error(str(error))
+    logging.basicConfig(
+        level=logging.DEBUG if settings.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return asyncio.run(_serve_worker(settings))
+
+
+async def _serve_worker(settings: Settings) -> int:
+    from hypha_rpc import connect_to_server
+
+    from hypha_conda_plugin.worker import CondaWorker
+
+    print("Starting Hypha conda worker", __version__)
+    print(f"  Server URL: {settings.server_url}\n  Workspace: {settings.workspace}")
+    print(f"  Service ID: {settings.service_id}\n  Visibility: {settings.visibility}")
+    print(f"  Cache dir: {settings.cache_dir}\n  Working dir: {settings.working_dir}")
+    print("  Builder: embedded (py-rattler)")
+    try:
+        server = await connect_to_server(
+            {
+                "server_url": settings.server_url,
+                "workspace": settings.workspace,
+                "token": settings.token,
+            }
+        )
+    except Exception as error:
+        print(f"Error: could not connect to {settings.server_url}: {error}", file=sys.stderr)
+        return 1
+    worker = CondaWorker(settings)
+    service = await server.register_service(worker.service_definition())
+    print(f"Worker registered as {service.id}; press Ctrl+C to stop.", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    print("Stopping: shutting down sessions...", flush=True)
+    await worker.shutdown()
+    with contextlib.suppress(Exception):
+        await server.disconnect()
+    return 0
+
+
+def _run_serve(argv: list[str]) -> int:
+    options = _serve_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    return asyncio.run(_serve_local(options))
+
+
+async def _serve_local(options: argparse.Namespace) -> int:
+    from hypha_conda_plugin.local_server import LocalServer
+
+    server = LocalServer(Path(options.data_dir), port=options.port, s3=not options.no_s3)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        print(f"Hypha server with the conda worker at {server.url}")
+        print(f"  root token: {server.root_token}\n  logs: {server.log_path}", flush=True)
+        await stop.wait()
+    return 0
+
+
+def _run_channel(argv: list[str]) -> int:
+    options = _channel_parser().parse_args(argv)
+    from hypha_conda_plugin.channel import ChannelBuildError, build_channel
+
+    try:
+        result = build_channel(options.out, options.requirements)
+    except ChannelBuildError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 1
+    print(f"Channel ready at {result.root} ({len(result.packages)} packages).")
+    print(f"Use it with:\n  export CONDA_CHANNEL_ALIAS={result.alias_url}")
+    return 0

@@ -1,0 +1,1 @@
+"""Conda environments: what to build (spec), how (builders) and when to reuse (cache)."""

@@ -1,0 +1,137 @@
+"""Normalized description of an environment, and the key it is cached under.
+
+A manifest's ``dependencies`` follow environment.yml: conda match specs as strings, plus
+an optional ``{"pip": [...]}`` item. ``EnvSpec`` validates that shape once, adds what
+the kernel needs, and derives a stable cache key, so two manifests that ask for the same
+environment share it however their lists are ordered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from hypha_conda_plugin.errors import ManifestError
+
+KERNEL_PACKAGES = ("ipykernel",)
+APP_PACKAGES = ("hypha-rpc",)
+KEY_VERSION = 1
+
+
+def _clean_item(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise ManifestError(
+            f"{where} must be a string such as 'numpy>=1.26', got {type(value).__name__}: "
+            f"{value!r}."
+        )
+    text = value.strip()
+    if not text or any(char in text for char in "\n\r\0"):
+        raise ManifestError(f"{where} has an empty or multi-line entry {value!r}; remove it.")
+    return text
+
+
+def _package_name(spec: str) -> str:
+    """The package name a conda match spec refers to (enough for de-duplication)."""
+    name = spec.split("::")[-1]
+    for stop in " =<>!~[":
+        name = name.split(stop)[0]
+    return name.lower()
+
+
+def is_channel_url(channel: str) -> bool:
+    """Whether a channel is a location (URL or path) rather than a name to alias."""
+    return "://" in channel or channel.startswith(("/", "./", "../", "~"))
+
+
+def resolve_channel(channel: str, alias: str | None) -> str:
+    """Where a channel lives: names go under the alias, as conda's channel_alias does."""
+    if is_channel_url(channel) or alias is None:
+        return channel
+    return alias.rstrip("/") + "/" + channel.strip("/")
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """What goes into one environment. Immutable and hashable."""
+
+    conda: tuple[str, ...]
+    channels: tuple[str, ...]
+    pip: tuple[str, ...] = ()
+    added: tuple[str, ...] = field(default=(), compare=False)
+
+    @classmethod
+    def from_manifest(
+        cls,
+        manifest: Mapping[str, object],
+        *,
+        default_channels: Sequence[str] = ("conda-forge",),
+        for_app: bool = False,
+    ) -> EnvSpec:
+        """Validate a manifest's dependencies and channels; add the kernel's packages."""
+        conda, pip = cls._split_dependencies(manifest.get("dependencies"))
+        channels = cls._channels(manifest.get("channels"), default_channels)
+        present = {_package_name(spec) for spec in conda}
+        required = KERNEL_PACKAGES + (APP_PACKAGES if for_app else ())
+        added = tuple(name for name in required if name not in present)
+        if "python" not in present and "python" not in added:
+            added = ("python", *added)
+        return cls(conda=(*conda, *added), channels=channels, pip=pip, added=added)
+
+    @staticmethod
+    def _split_dependencies(raw: object) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        if raw is None:
+            return (), ()
+        if isinstance(raw, str) or not isinstance(raw, Iterable):
+            raise ManifestError(
+                "manifest 'dependencies' must be a list, e.g. ['python=3.11', 'numpy', "
+                f"{{'pip': ['requests']}}], got {type(raw).__name__}."
+            )
+        conda: list[str] = []
+        pip: list[str] = []
+        for index, item in enumerate(raw):
+            where = f"manifest 'dependencies' item {index}"
+            if isinstance(item, Mapping):
+                if set(item) != {"pip"}:
+                    raise ManifestError(
+                        f"{where} is a mapping with keys {sorted(item)}; the only mapping "
+                        "allowed is {'pip': ['package', ...]}."
+                    )
+                packages = item["pip"]
+                if isinstance(packages, str) or not isinstance(packages, Iterable):
+                    raise ManifestError(f"{where}: 'pip' must be a list of requirements.")
+                pip.extend(_clean_item(p, f"{where} (pip)") for p in packages)
+            else:
+                conda.append(_clean_item(item, where))
+        return tuple(dict.fromkeys(conda)), tuple(dict.fromkeys(pip))
+
+    @staticmethod
+    def _channels(raw: object, default: Sequence[str]) -> tuple[str, ...]:
+        if raw is None or raw == []:
+            return tuple(default)
+        if isinstance(raw, str) or not isinstance(raw, Iterable):
+            raise ManifestError(
+                f"manifest 'channels' must be a list such as ['conda-forge'], got {raw!r}."
+            )
+        channels = [_clean_item(c, "manifest 'channels' entry") for c in raw]
+        return tuple(dict.fromkeys(channels))
+
+    def cache_key(self, *, channel_alias: str | None, platform: str) -> str:
+        """A stable key: same packages and same channel locations give the same key.
+
+        Package lists are order-independent; channel order is kept because it decides
+        which channel wins when several have a package.
+        """
+        payload = {
+            "v": KEY_VERSION,
+            "platform": platform,
+            "conda": sorted(self.conda),
+            "pip": sorted(self.pip),
+            "channels": [resolve_channel(c, channel_alias) for c in self.channels],
+        }
+        digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        return digest[:20]
+
+    def describe(self) -> dict[str, list[str]]:
+        return {"conda": list(self.conda), "pip": list(self.pip), "channels": list(self.channels)}

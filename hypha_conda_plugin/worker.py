@@ -1,0 +1,453 @@
+"""CondaWorker: the service Hypha clients and the app controller call.
+
+This layer owns the RPC surface only: it works out who is calling, checks they may,
+validates input, and hands the work to the environment cache, the session registry and
+the kernel. Every method is async and leaves the event loop free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from hypha_conda_plugin import __version__
+from hypha_conda_plugin.childenv import clean_env
+from hypha_conda_plugin.envs.builders import RattlerBuilder
+from hypha_conda_plugin.envs.cache import EnvCache
+from hypha_conda_plugin.envs.spec import EnvSpec
+from hypha_conda_plugin.errors import (
+    AppFileError,
+    CondaWorkerError,
+    ManifestError,
+    SessionStateError,
+    WorkspaceNotAuthorizedError,
+)
+from hypha_conda_plugin.kernel import Kernel
+from hypha_conda_plugin.sessions import LOG_TYPES, Session, SessionManager, SessionState
+from hypha_conda_plugin.settings import SUPPORTED_APP_TYPE, Settings
+
+logger = logging.getLogger(__name__)
+
+CALLBACK_TIMEOUT = 10.0
+MAX_SESSION_ID_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling, from the context Hypha attaches to each call."""
+
+    workspace: str
+    user_id: str | None
+
+    @property
+    def is_root(self) -> bool:
+        return self.user_id == "root"
+
+    @classmethod
+    def from_context(cls, context: Mapping[str, Any] | None) -> Caller:
+        if not context:
+            # Only an in-process call without Hypha in between has no context.
+            return cls(workspace="local", user_id="root")
+        user = context.get("user") or {}
+        return cls(workspace=str(context.get("ws") or ""), user_id=user.get("id"))
+
+
+async def _notify(callback: Callable | None, message: dict[str, Any]) -> None:
+    """Call a progress/output callback (sync, async or remote) without letting it fail us."""
+    if callback is None:
+        return
+    try:
+        result = callback(message)
+        if inspect.isawaitable(result):
+            await asyncio.wait_for(result, CALLBACK_TIMEOUT)
+    except Exception as error:  # a client that went away must not break the session
+        logger.debug("Callback failed: %s", error)
+
+
+class CondaWorker:
+    """Runs Jupyter kernels in conda environments for Hypha callers."""
+
+    def __init__(self, settings: Settings, *, server_url: str | None = None) -> None:
+        self.settings = settings
+        self.server_url = server_url or settings.server_url
+        builder = RattlerBuilder(
+            pkgs_dir=settings.pkgs_dir,
+            repodata_cache_dir=settings.cache_dir / "repodata",
+            channel_alias=settings.channel_alias,
+            timeout=settings.build_timeout,
+        )
+        self.envs = EnvCache(
+            settings.envs_dir,
+            builder,
+            channel_alias=settings.channel_alias,
+            platform=_platform(),
+            pip_timeout=settings.build_timeout,
+        )
+        self.sessions = SessionManager(settings.working_dir, settings.max_log_entries)
+
+    # ----------------------------------------------------------------- registration
+    def service_definition(self) -> dict[str, Any]:
+        """The Hypha service: a server-app-worker for conda-jupyter-kernel apps."""
+        config: dict[str, Any] = {"visibility": self.settings.visibility, "require_context": True}
+        if self.settings.authorized_workspaces:
+            config["authorized_workspaces"] = list(self.settings.authorized_workspaces)
+        return {
+            "id": self.settings.service_id,
+            "name": "Conda Environment Worker",
+            "description": "Runs Python code in Jupyter kernels inside isolated conda "
+            f"environments (hypha-conda-plugin {__version__}).",
+            "type": "server-app-worker",
+            "config": config,
+            "supported_types": [SUPPORTED_APP_TYPE],
+            "use_local_url": self.server_url is not None and self.settings.server_url is None,
+            "start": self.start,
+            "stop": self.stop,
+            "execute": self.execute,
+            "get_logs": self.get_logs,
+            "interrupt": self.interrupt,
+            "restart": self.restart,
+            "list_sessions": self.list_sessions,
+            "get_session_info": self.get_session_info,
+            "compile": self.compile,
+            "shutdown": self.shutdown,
+        }
+
+    # ----------------------------------------------------------------- public methods
+    async def start(self, config: dict[str, Any], context: dict | None = None) -> str:
+        """Build or reuse the environment, start a kernel, run the app's entry point."""
+        caller = self._authorize(context)
+        config = dict(config or {})
+        manifest = config.get("manifest")
+        if not isinstance(manifest, Mapping):
+            raise ManifestError(
+                "start() needs config['manifest'], a mapping with "
+                "'dependencies' and optionally 'channels'."
+            )
+        app_type = manifest.get("type")
+        if app_type not in (None, SUPPORTED_APP_TYPE):
+            raise ManifestError(
+                f"This worker runs apps of type '{SUPPORTED_APP_TYPE}', not '{app_type}'."
+            )
+        session_id = _session_id(config.get("id"))
+        workspace = self._owner(caller, config)
+        names_app = any(config.get(k) for k in ("app_id", "artifact_id", "app_files_base_url"))
+        spec = EnvSpec.from_manifest(
+            manifest, default_channels=self.settings.default_channels, for_app=names_app
+        )
+        session = self.sessions.create(workspace, session_id, config.get("app_id"))
+        callback = config.get("progress_callback")
+
+        async def progress(message: dict[str, Any]) -> None:
+            session.log.add("progress", message.get("message", ""))
+            await _notify(callback, message)
+
+        try:
+            await progress(
+                {"type": "info", "stage": "start", "message": f"Starting session {session_id}"}
+            )
+            session.env = await self.envs.acquire(spec, progress)
+            await asyncio.to_thread(session.workdir.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(session.runtime_dir.mkdir, parents=True, exist_ok=True)
+            entry_code = await self._entry_point(config, manifest, names_app, progress, session)
+            await progress({"type": "info", "stage": "kernel", "message": "Starting kernel"})
+            session.kernel = Kernel(
+                session.env.python,
+                cwd=session.workdir,
+                env=clean_env(session.env.prefix, extra=self._app_env(config, workspace)),
+                log_path=session.runtime_dir / "kernel.log",
+            )
+            await session.kernel.start(timeout=self.settings.kernel_start_timeout)
+            if entry_code is not None:
+                await self._run_entry_point(session, entry_code, manifest, config, progress)
+        except BaseException as error:
+            session.state = SessionState.FAILED
+            session.error = str(error)
+            session.log.add("error", f"Start failed: {error}")
+            await _notify(
+                callback,
+                {"type": "error", "stage": "start", "message": f"Failed to start session: {error}"},
+            )
+            await asyncio.shield(self._release(session, keep_record=True))
+            raise
+        session.state = SessionState.READY
+        await progress(
+            {
+                "type": "success",
+                "stage": "ready",
+                "progress": 1.0,
+                "message": f"Session {session_id} is ready",
+            }
+        )
+        return session_id
+
+    async def execute(
+        self,
+        session_id: str,
+        script: str,
+        config: dict | None = None,
+        progress_callback: Callable | None = None,
+        output_callback: Callable | None = None,
+        context: dict | None = None,
+    ) -> dict[str, Any]:
+        """Run one cell and return its outputs in Jupyter's shape."""
+        session = self._session(session_id, context)
+        if not isinstance(script, str):
+            raise CondaWorkerError("execute() needs the code as a string in 'script'.")
+        kernel = self._live_kernel(session)
+        timeout = (config or {}).get("timeout", self.settings.default_execute_timeout)
+        await _notify(
+            progress_callback, {"type": "info", "stage": "execute", "message": "Executing code"}
+        )
+
+        async def on_output(item: dict[str, Any]) -> None:
+            if item.get("type") == "stream":
+                session.log.add(item.get("name", "stdout"), item.get("text", ""))
+            await _notify(output_callback, item)
+
+        session.running += 1
+        session.state = SessionState.BUSY
+        try:
+            result = await kernel.execute(
+                script, timeout=float(timeout) if timeout else None, output_callback=on_output
+            )
+        finally:
+            session.running -= 1
+            if session.state == SessionState.BUSY and session.running == 0:
+                session.state = SessionState.READY
+        session.executions += 1
+        if result.get("status") == "error" and result.get("error"):
+            error = result["error"]
+            session.log.add("error", f"{error.get('ename')}: {error.get('evalue')}")
+        await _notify(
+            progress_callback,
+            {
+                "type": "success" if result.get("status") == "ok" else "error",
+                "stage": "execute",
+                "message": f"Execution finished: {result.get('status')}",
+            },
+        )
+        return result
+
+    async def stop(self, session_id: str, context: dict | None = None) -> None:
+        """Shut the kernel down and delete the session's folder."""
+        session = self._session(session_id, context)
+        if session.state == SessionState.STOPPING:
+            return
+        session.state = SessionState.STOPPING
+        await self._release(session, keep_record=False)
+
+    async def get_logs(
+        self,
+        session_id: str,
+        type: str | None = None,
+        offset: int = 0,
+        limit: int | None = None,
+        context: dict | None = None,
+    ) -> dict[str, Any]:
+        session = self._session(session_id, context)
+        if type is not None and type not in LOG_TYPES:
+            raise CondaWorkerError(f"Unknown log type '{type}'; use one of {list(LOG_TYPES)}.")
+        return session.log.query(type, offset, limit)
+
+    async def interrupt(self, session_id: str, context: dict | None = None) -> None:
+        await self._live_kernel(self._session(session_id, context)).interrupt()
+
+    async def restart(self, session_id: str, context: dict | None = None) -> None:
+        session = self._session(session_id, context)
+        await self._live_kernel(session).restart(timeout=self.settings.kernel_start_timeout)
+        session.log.add("info", "Kernel restarted")
+
+    async def list_sessions(self, context: dict | None = None) -> list[dict[str, Any]]:
+        caller = self._authorize(context)
+        return [s.info() for s in self.sessions.list(None if caller.is_root else caller.workspace)]
+
+    async def get_session_info(self, session_id: str, context: dict | None = None) -> dict:
+        return self._session(session_id, context).info()
+
+    async def compile(
+        self, manifest: dict, files: list, config: dict | None = None, context: dict | None = None
+    ) -> tuple[dict, list]:
+        """Validate a manifest when an app is installed, so errors surface early."""
+        EnvSpec.from_manifest(manifest, default_channels=self.settings.default_channels)
+        manifest = dict(manifest)
+        manifest.setdefault("entry_point", "main.py")
+        return manifest, files
+
+    async def shutdown(self, context: dict | None = None) -> None:
+        """Stop every session (worker going away)."""
+        if context is not None and not Caller.from_context(context).is_root:
+            raise WorkspaceNotAuthorizedError("Only the server may shut the worker down.")
+        await asyncio.gather(
+            *(self._release(s, keep_record=False) for s in self.sessions.list()),
+            return_exceptions=True,
+        )
+
+    # ----------------------------------------------------------------- helpers
+    def _authorize(self, context: Mapping[str, Any] | None) -> Caller:
+        caller = Caller.from_context(context)
+        allowed = self.settings.authorized_workspaces
+        if allowed and not caller.is_root and caller.workspace not in allowed:
+            raise WorkspaceNotAuthorizedError(
+                f"Workspace '{caller.workspace}' may not use this worker; ask its operator to "
+                "add it to CONDA_AUTHORIZED_WORKSPACES."
+            )
+        return caller
+
+    @staticmethod
+    def _owner(caller: Caller, config: Mapping[str, Any]) -> str:
+        """The workspace a new session belongs to: the caller's, or for the server's own
+        app controller (root), the app's workspace it names."""
+        if caller.is_root and config.get("workspace"):
+            return str(config["workspace"])
+        return caller.workspace
+
+    def _session(self, session_id: str, context: Mapping[str, Any] | None) -> Session:
+        caller = self._authorize(context)
+        if not isinstance(session_id, str) or not session_id:
+            raise CondaWorkerError("A session id (the string start() returned) is required.")
+        try:
+            return self.sessions.get(caller.workspace, session_id)
+        except CondaWorkerError:
+            if caller.is_root:
+                return self.sessions.find_any(session_id)
+            raise
+
+    @staticmethod
+    def _live_kernel(session: Session) -> Kernel:
+        if session.kernel is None or session.state not in (SessionState.READY, SessionState.BUSY):
+            raise SessionStateError(
+                f"Session '{session.id}' is {session.state.value}; it can run code only "
+                "when ready." + (f" It failed with: {session.error}" if session.error else "")
+            )
+        return session.kernel
+
+    def _app_env(self, config: Mapping[str, Any], workspace: str) -> dict[str, str]:
+        """What an app's code needs to talk back to Hypha (as the reference worker sets)."""
+        values = {
+            "HYPHA_SERVER_URL": config.get("server_url") or self.server_url,
+            "HYPHA_WORKSPACE": workspace,
+            "HYPHA_CLIENT_ID": config.get("client_id"),
+            "HYPHA_TOKEN": config.get("token"),
+            "HYPHA_APP_ID": config.get("app_id"),
+        }
+        return {key: str(value) for key, value in values.items() if value}
+
+    async def _entry_point(
+        self,
+        config: Mapping[str, Any],
+        manifest: Mapping[str, Any],
+        names_app: bool,
+        progress: Callable,
+        session: Session,
+    ) -> str | None:
+        """The code to run at start: the app's entry point file, read from the server."""
+        entry_point = config.get("entry_point") or manifest.get("entry_point")
+        if not entry_point:
+            return None
+        if not names_app:
+            message = (
+                f"Ignoring entry_point '{entry_point}': this start names no app "
+                "(app_id, artifact_id or app_files_base_url), so there are no files "
+                "to read it from. The session starts without it."
+            )
+            session.log.add("info", message)
+            await progress({"type": "warning", "stage": "entry_point", "message": message})
+            return None
+        base = config.get("app_files_base_url") or self._files_url(config)
+        url = f"{base.rstrip('/')}/{str(entry_point).lstrip('/')}"
+        headers = {"Authorization": f"Bearer {config['token']}"} if config.get("token") else {}
+        await progress(
+            {
+                "type": "info",
+                "stage": "entry_point",
+                "message": f"Reading entry point {entry_point}",
+            }
+        )
+        try:
+            async with httpx.AsyncClient(
+                follow_redirects=True, timeout=60, verify=not config.get("disable_ssl")
+            ) as client:
+                response = await client.get(url, headers=headers, params={"use_proxy": "true"})
+                response.raise_for_status()
+        except httpx.HTTPError as error:
+            raise AppFileError(
+                f"Could not read the app's entry point '{entry_point}' from {url}: {error}. "
+                "Check that the file is part of the app and the manifest names it."
+            ) from error
+        return response.text
+
+    def _files_url(self, config: Mapping[str, Any]) -> str:
+        server = config.get("server_url") or self.server_url
+        artifact = config.get("artifact_id") or f"{config.get('workspace')}/{config.get('app_id')}"
+        workspace, _, alias = str(artifact).rpartition("/")
+        return f"{server}/{workspace}/artifacts/{alias}/files"
+
+    async def _run_entry_point(
+        self,
+        session: Session,
+        code: str,
+        manifest: Mapping[str, Any],
+        config: Mapping[str, Any],
+        progress: Callable,
+    ) -> None:
+        await progress({"type": "info", "stage": "entry_point", "message": "Running entry point"})
+
+        async def on_output(item: dict[str, Any]) -> None:
+            if item.get("type") == "stream":
+                session.log.add(item.get("name", "stdout"), item.get("text", ""))
+
+        timeout = config.get("timeout") or self.settings.kernel_start_timeout
+        result = await session.kernel.execute(
+            code, timeout=float(timeout), output_callback=on_output
+        )
+        if result.get("status") != "ok":
+            error = result.get("error") or {}
+            traceback = "\n".join(error.get("traceback") or [])
+            raise AppFileError(
+                f"The entry point '{manifest.get('entry_point')}' raised "
+                f"{error.get('ename')}: {error.get('evalue')}\n{traceback}"
+            )
+
+    async def _release(self, session: Session, *, keep_record: bool) -> None:
+        """Stop the kernel and delete the session's folders; never raises."""
+        kernel, session.kernel = session.kernel, None
+        if kernel is not None:
+            with contextlib.suppress(Exception):
+                await kernel.shutdown()
+        for folder in (session.workdir, session.runtime_dir):
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+        if keep_record:
+            return
+        session.state = SessionState.STOPPED
+        self.sessions.remove(session)
+
+
+def _session_id(raw: object) -> str:
+    if raw is None or raw == "":
+        return uuid.uuid4().hex
+    if not isinstance(raw, str) or len(raw) > MAX_SESSION_ID_LENGTH or "\0" in raw:
+        raise CondaWorkerError(
+            f"config['id'] must be a string of at most {MAX_SESSION_ID_LENGTH} characters."
+        )
+    return raw
+
+
+def _platform() -> str:
+    import platform
+    import sys
+
+    machine = platform.machine().lower()
+    arch = {"x86_64": "64", "amd64": "64", "aarch64": "aarch64", "arm64": "arm64"}.get(
+        machine, machine
+    )
+    system = {"linux": "linux", "darwin": "osx", "win32": "win"}.get(sys.platform, sys.platform)
+    return f"{system}-{arch}"
