@@ -35,7 +35,7 @@ def _default_working_dir() -> Path:
 class Settings(BaseModel):
     """Everything the worker can be configured with, with the defaults users expect."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, validate_default=True)
 
     # Where and how the worker registers itself.
     server_url: str | None = None
@@ -52,12 +52,12 @@ class Settings(BaseModel):
     # How environments are built.
     channel_alias: str | None = None
     default_channels: tuple[str, ...] = ("conda-forge",)
-    build_timeout: float = 1800.0
+    build_timeout: float = Field(default=1800.0, gt=0)
 
     # How kernels run.
-    kernel_start_timeout: float = 120.0
-    default_execute_timeout: float | None = None
-    max_log_entries: int = 10_000
+    kernel_start_timeout: float = Field(default=120.0, gt=0)
+    default_execute_timeout: float | None = Field(default=None, gt=0)
+    max_log_entries: int = Field(default=10_000, ge=100)
 
     verbose: bool = False
 
@@ -105,6 +105,8 @@ class Settings(BaseModel):
             "channel_alias": "CONDA_CHANNEL_ALIAS",
             "build_timeout": "CONDA_BUILD_TIMEOUT",
             "kernel_start_timeout": "CONDA_KERNEL_START_TIMEOUT",
+            "default_execute_timeout": "CONDA_EXECUTE_TIMEOUT",
+            "max_log_entries": "CONDA_MAX_LOG_ENTRIES",
         }
         for field, variable in optional.items():
             if env.get(variable):

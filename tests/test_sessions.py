@@ -1,0 +1,42 @@
+"""Session folders and logs."""
+
+from __future__ import annotations
+
+import pytest
+
+from hypha_conda_plugin.errors import SessionExistsError, SessionNotFoundError
+from hypha_conda_plugin.sessions import SessionLog, SessionManager, SessionState, safe_name
+
+
+def test_log_is_bounded_and_pages_within_a_type():
+    log = SessionLog(limit=3)
+    for i in range(5):
+        log.add("stdout" if i % 2 else "info", str(i))
+    everything = log.query()
+    assert [item["content"] for item in everything["items"]] == ["2", "3", "4"]
+    assert log.dropped == 2
+    page = log.query("info", offset=1, limit=5)
+    assert [item["content"] for item in page["items"]] == ["4"]
+    assert page["total"] == 2
+
+
+@pytest.mark.parametrize("hostile", ["../../etc", "/abs/path", "a/../../b", "..", "x\\..\\y"])
+def test_session_folders_stay_inside_the_working_dir(tmp_path, hostile):
+    manager = SessionManager(tmp_path, max_log_entries=100)
+    session = manager.create(hostile, hostile, None)
+    assert session.workdir.is_relative_to(tmp_path)
+    assert session.runtime_dir.is_relative_to(tmp_path)
+    assert "/" not in safe_name(hostile) and not safe_name(hostile).startswith(".")
+
+
+def test_ids_are_per_workspace_and_live_ids_are_unique(tmp_path):
+    manager = SessionManager(tmp_path, max_log_entries=100)
+    a = manager.create("ws-a", "s", None)
+    b = manager.create("ws-b", "s", None)
+    assert a is not b and a.workdir != b.workdir
+    with pytest.raises(SessionExistsError):
+        manager.create("ws-a", "s", None)
+    with pytest.raises(SessionNotFoundError):
+        manager.get("ws-c", "s")
+    a.state = SessionState.FAILED
+    assert manager.create("ws-a", "s", None) is not a  # a failed id may be reused
