@@ -18,10 +18,10 @@ def test_environment_yml_shape_with_pip_item():
     spec = EnvSpec.from_manifest(
         {"dependencies": ["python=3.11", "numpy", {"pip": ["requests==2.32.3"]}]}
     )
-    assert spec.conda == ("python=3.11", "numpy", "ipykernel")
+    assert spec.conda == ("python=3.11", "numpy", "ipykernel", "pip")
     assert spec.pip == ("requests==2.32.3",)
     assert spec.channels == ("conda-forge",)
-    assert spec.added == ("ipykernel",)
+    assert spec.added == ("ipykernel", "pip")  # pip itself, to install the pip item
 
 
 def test_kernel_and_app_packages_are_added_once():
@@ -66,6 +66,8 @@ def test_channel_names_resolve_under_the_alias_and_urls_pass_through():
         ({"dependencies": [{"conda": ["x"]}]}, "only mapping allowed"),
         ({"dependencies": [{"pip": "requests"}]}, "'pip' must be a list"),
         ({"channels": "conda-forge"}, "'channels' must be a list"),
+        ({"dependencies": [{"pip": ["-r /etc/shadow"]}]}, "looks like a command-line option"),
+        ({"dependencies": ["--override-channels"]}, "looks like a command-line option"),
     ],
 )
 def test_malformed_manifests_are_refused_with_a_helpful_message(manifest, message):

@@ -29,6 +29,12 @@ def _clean_item(value: object, where: str) -> str:
     text = value.strip()
     if not text or any(char in text for char in "\n\r\0"):
         raise ManifestError(f"{where} has an empty or multi-line entry {value!r}; remove it.")
+    if text.startswith("-"):
+        # Tools would read it as an option (pip's -r FILE, --index-url URL, ...).
+        raise ManifestError(
+            f"{where} is {value!r}, which looks like a command-line option; only package "
+            "requirements are allowed (set mirrors with CONDA_CHANNEL_ALIAS or pip's config)."
+        )
     return text
 
 
@@ -73,7 +79,9 @@ class EnvSpec:
         conda, pip = cls._split_dependencies(manifest.get("dependencies"))
         channels = cls._channels(manifest.get("channels"), default_channels)
         present = {_package_name(spec) for spec in conda}
-        required = KERNEL_PACKAGES + (APP_PACKAGES if for_app else ())
+        required = (
+            KERNEL_PACKAGES + (APP_PACKAGES if for_app else ()) + (("pip",) if pip else ())
+        )
         added = tuple(name for name in required if name not in present)
         if "python" not in present and "python" not in added:
             added = ("python", *added)
