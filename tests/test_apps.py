@@ -69,5 +69,5 @@ async def test_missing_entry_point_file_is_an_error_naming_it(client):
         wait_for_service=False,
         stage=True,
     )
-    with pytest.raises(Exception, match="does_not_exist.py"):
+    with pytest.raises(Exception, match=r"does_not_exist\.py"):
         await controller.start(app["id"], wait_for_service=False, stage=True, timeout=120)

@@ -1,0 +1,727 @@
+"""One Jupyter kernel (ipykernel) for one session, driven by jupyter_client.
+
+The worker lives inside the Hypha server's event loop, so everything here is
+asynchronous: the kernel is an ``AsyncKernelManager`` child process, messages are read
+from ZeroMQ with ``await``, liveness is polled with ``Popen.poll()`` (a non-blocking
+``waitpid``) and what little file work there is runs in a thread.
+
+Design notes (why, not what):
+
+- The kernel spec is written into a private temporary folder (mode 0700) together with
+  the connection file, the kernel's log (when no ``log_path`` is given) and its ZeroMQ
+  sockets. The kernel talks over ``ipc`` sockets in that folder rather than TCP: no ports
+  to race for when many kernels start at once, nothing reachable from the network, and
+  only this user can open the folder (TCP on localhost is the fallback when the socket
+  path would be too long, or off POSIX).
+- ``execute`` reads IOPub itself until the kernel reports ``idle`` for our request
+  instead of calling ``AsyncKernelClient.execute_interactive``. That helper cannot be
+  resumed after its own timeout (we must keep reading after interrupting, to collect the
+  output and the ``KeyboardInterrupt`` and to leave no stale messages for the next cell),
+  it does not notice that the kernel died (it waits for the full timeout) and its output
+  hook cannot be async. Our reader runs as one task, raced against the timeout and
+  against the kernel process exiting.
+- A cell that kills the kernel (``os._exit``, a segfault, the OOM killer) is the user's
+  error: ``execute`` returns an error result with ``ename == "KernelDied"`` and the
+  output printed before. Calling ``execute`` on a kernel that is already dead raises
+  :class:`KernelDiedError`; the session layer can then ``restart()``.
+- The kernel runs in its own session/process group (jupyter_client starts it with
+  ``start_new_session=True``). Interrupts go to the whole group, as in Jupyter, and
+  shutdown ends with ``SIGKILL`` to the group so that processes the user's code started
+  do not outlive the session (a child that calls ``setsid`` itself can escape).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from jupyter_client import AsyncKernelClient, AsyncKernelManager
+from jupyter_client.kernelspec import KernelSpecManager
+
+logger = logging.getLogger(__name__)
+
+OutputCallback = Callable[[dict[str, Any]], Any]
+
+SPEC_NAME = "hypha-conda"
+# How long to wait for IOPub to echo a kernel_info request before asking again.
+HANDSHAKE_RETRY = 0.1
+# How often a running cell checks that the kernel process still exists.
+LIVENESS_INTERVAL = 0.1
+# After the kernel died mid-cell, read what it sent until quiet for this long (capped).
+DEATH_DRAIN_QUIET = 0.1
+DEATH_DRAIN = 1.0
+# Graceful shutdown budget before jupyter_client escalates to SIGTERM, then SIGKILL.
+SHUTDOWN_WAIT = 2.0
+# Unix socket paths are limited to ~107 bytes; beyond that fall back to TCP on localhost.
+IPC_PATH_LIMIT = 90
+# How much of the kernel's own output a start failure quotes.
+LOG_TAIL_LINES = 40
+LOG_TAIL_BYTES = 16_384
+
+# CSI sequences (colors), OSC sequences (hyperlinks, titles) and two-byte escapes.
+_ANSI_RE = re.compile(r"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
+
+
+class KernelError(Exception):
+    """Base class for kernel failures; messages are written for end users."""
+
+
+class KernelStartError(KernelError):
+    """The kernel process could not be started or never became ready."""
+
+
+class KernelDiedError(KernelError):
+    """The kernel is not running (it died or was shut down)."""
+
+
+def strip_ansi(text: str) -> str:
+    """Remove terminal escape codes: clients show tracebacks as plain text."""
+    return _ANSI_RE.sub("", text)
+
+
+def plain_traceback(frames: list[str]) -> list[str]:
+    """IPython's traceback frames are colored multi-line strings; clients want lines."""
+    return [line for frame in frames for line in strip_ansi(frame).splitlines()]
+
+
+def _describe_exit(returncode: int | None) -> str:
+    """Turn a return code into words, pointing at the OOM killer for SIGKILL."""
+    if returncode is None:
+        return "exit status unknown"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = "; possibly out of memory" if -returncode == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exit code {returncode}"
+
+
+async def _call_output_callback(callback: OutputCallback | None, item: dict[str, Any]) -> None:
+    """A broken or disconnected client must not break the cell, so errors are only logged."""
+    if callback is None:
+        return
+    try:
+        result = callback(item)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        logger.exception("Output callback failed for a %s item", item.get("type"))
+
+
+async def _wait_for_exit(process: subprocess.Popen[bytes]) -> int | None:
+    """Resolve when this exact process ends (it survives a restart of the manager)."""
+    # Nothing to await on a Popen (it is not an asyncio subprocess), so poll it.
+    while process.poll() is None:  # noqa: ASYNC110
+        await asyncio.sleep(LIVENESS_INTERVAL)
+    return process.returncode
+
+
+async def _race(
+    reader: asyncio.Task[dict[str, Any]], exited: asyncio.Task[Any], timeout: float | None
+) -> Literal["reply", "exit", "timeout"]:
+    """Wait for whichever comes first; a finished reply wins over a simultaneous exit."""
+    done, _ = await asyncio.wait(
+        {reader, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+    )
+    if reader in done:
+        return "reply"
+    if exited in done:
+        return "exit"
+    return "timeout"
+
+
+async def _cancel(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel helper tasks and wait for them so nothing is left pending."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(BaseException):
+            await task
+
+
+async def _handshake(client: AsyncKernelClient) -> None:
+    """Ready means a ``kernel_info`` request was seen on IOPub, not just answered on shell.
+
+    That proves our IOPub subscription is live, so no output of the first cell is lost.
+    jupyter_client's ``wait_for_ready`` checks the same but then waits for 0.2 s of
+    IOPub silence and polls liveness only once a second; this is ~40% of a start.
+    Requests are repeated because a status published before we subscribed is gone.
+    """
+    while True:
+        msg_id = client.kernel_info()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(_iopub_echo(client, msg_id), HANDSHAKE_RETRY)
+            return
+
+
+async def _iopub_echo(client: AsyncKernelClient, msg_id: str) -> None:
+    while True:
+        msg = await client.get_iopub_msg()
+        if msg["parent_header"].get("msg_id") == msg_id:
+            return
+
+
+def _kill_group(pgid: int | None) -> None:
+    """SIGKILL what is left of the kernel's process group (user-started children)."""
+    if not hasattr(os, "killpg") or pgid is None or pgid <= 1 or pgid == os.getpgid(0):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _read_log_tail(path: Path, offset: int) -> str:
+    """The last lines the kernel wrote since it was launched (runs in a thread)."""
+    try:
+        with path.open("rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(offset, size - LOG_TAIL_BYTES))
+            text = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(strip_ansi(text).splitlines()[-LOG_TAIL_LINES:])
+
+
+class _Cell:
+    """Turns the IOPub messages of one execution into contract output items."""
+
+    def __init__(self, callback: OutputCallback | None) -> None:
+        self.callback = callback
+        self.outputs: list[dict[str, Any]] = []
+        self.error: dict[str, Any] | None = None
+        self.execution_count: int | None = None
+        self._clear_pending = False
+        self.messages_seen = 0
+
+    async def handle(self, msg: dict[str, Any]) -> None:
+        """Dispatch one IOPub message; unknown types (status, comms) are ignored."""
+        self.messages_seen += 1
+        kind, content = msg["msg_type"], msg["content"]
+        if kind == "stream":
+            await self._add({"type": "stream", "name": content["name"], "text": content["text"]})
+        elif kind in ("execute_result", "display_data"):
+            await self._add(self._rich_item(kind, content))
+        elif kind == "update_display_data":
+            await self._update_display(content)
+        elif kind == "clear_output":
+            await self._clear(wait=bool(content.get("wait")))
+        elif kind == "error":
+            self.error = self.error_from(content)
+        elif kind == "execute_input":
+            self.execution_count = content.get("execution_count")
+
+    @staticmethod
+    def error_from(content: dict[str, Any]) -> dict[str, Any]:
+        """The contract's error shape, with a plain-text traceback."""
+        return {
+            "ename": content.get("ename", "Error"),
+            "evalue": content.get("evalue", ""),
+            "traceback": plain_traceback(content.get("traceback") or []),
+        }
+
+    @staticmethod
+    def _rich_item(kind: str, content: dict[str, Any]) -> dict[str, Any]:
+        """Keep the display id (when there is one) so a streaming client can apply updates."""
+        item: dict[str, Any] = {
+            "type": kind,
+            "data": content.get("data", {}),
+            "metadata": content.get("metadata", {}),
+        }
+        if kind == "execute_result":
+            item["execution_count"] = content.get("execution_count")
+        display_id = (content.get("transient") or {}).get("display_id")
+        if display_id is not None:
+            item["display_id"] = display_id
+        return item
+
+    async def _add(self, item: dict[str, Any]) -> None:
+        """Append an item, merging consecutive chunks of one stream into one item."""
+        await self._apply_pending_clear()
+        last = self.outputs[-1] if self.outputs else None
+        if (
+            item["type"] == "stream"
+            and last is not None
+            and last["type"] == "stream"
+            and last["name"] == item["name"]
+        ):
+            last["text"] += item["text"]
+        else:
+            self.outputs.append(dict(item))
+        await _call_output_callback(self.callback, item)
+
+    async def _update_display(self, content: dict[str, Any]) -> None:
+        """Update displays of this cell in place; one from an earlier cell becomes new output.
+
+        The final result cannot reach back into an earlier cell's outputs, so showing
+        the update as a fresh display is the most useful thing left to do.
+        """
+        display_id = (content.get("transient") or {}).get("display_id")
+        matches = [o for o in self.outputs if display_id and o.get("display_id") == display_id]
+        for item in matches:
+            item["data"] = content.get("data", {})
+            item["metadata"] = content.get("metadata", {})
+        if not matches:
+            await self._add(self._rich_item("display_data", content))
+            return
+        update = self._rich_item("display_data", content)
+        update["type"] = "update_display_data"
+        await _call_output_callback(self.callback, update)
+
+    async def _clear(self, *, wait: bool) -> None:
+        """``clear_output(wait=True)`` clears only when the next output arrives (no flicker)."""
+        self._clear_pending = True
+        if not wait:
+            await self._apply_pending_clear()
+
+    async def _apply_pending_clear(self) -> None:
+        if not self._clear_pending:
+            return
+        self._clear_pending = False
+        self.outputs.clear()
+        await _call_output_callback(self.callback, {"type": "clear_output"})
+
+    def result(self, status: str, error: dict[str, Any] | None) -> dict[str, Any]:
+        """The contract's execute result."""
+        return {
+            "status": status,
+            "outputs": self.outputs,
+            "error": error,
+            "execution_count": self.execution_count,
+        }
+
+    def from_reply(self, reply: dict[str, Any]) -> dict[str, Any]:
+        """Build the result from the shell reply; the IOPub error is preferred (same data)."""
+        if reply.get("execution_count") is not None:
+            self.execution_count = reply["execution_count"]
+        status = reply.get("status", "error")
+        if status == "ok":
+            return self.result("ok", None)
+        if status == "aborted":
+            aborted = {
+                "ename": "ExecutionAborted",
+                "evalue": "The cell was aborted.",
+                "traceback": [],
+            }
+            return self.result("error", self.error or aborted)
+        return self.result("error", self.error or self.error_from(reply))
+
+    def failure(self, ename: str, evalue: str) -> dict[str, Any]:
+        """An error we diagnosed ourselves; keeps the traceback the kernel sent, if any."""
+        traceback = self.error["traceback"] if self.error else []
+        return self.result("error", {"ename": ename, "evalue": evalue, "traceback": traceback})
+
+
+class Kernel:
+    """One ipykernel process for one session, driven with jupyter_client's AsyncKernelManager.
+
+    Executions are serialized with a lock (concurrent calls queue); ``interrupt``,
+    ``restart`` and ``shutdown`` deliberately do not wait for it, because they are how a
+    stuck cell gets unstuck. A Kernel is started once; after ``shutdown`` (or a failed
+    ``start``) make a new one.
+    """
+
+    def __init__(
+        self,
+        python: Path,
+        *,
+        cwd: Path,
+        env: Mapping[str, str],
+        log_path: Path | None = None,
+        interrupt_grace: float = 5.0,
+    ) -> None:
+        # Absolute (the kernel runs in ``cwd``) but not resolved: resolving a venv's
+        # ``bin/python`` symlink would lose the environment.
+        self._python = Path(python).absolute()
+        self._cwd = Path(cwd).absolute()
+        self._env = dict(env)
+        self._log_path = Path(log_path) if log_path is not None else None
+        # How long a timed-out cell may take to stop after SIGINT before we restart.
+        self._interrupt_grace = interrupt_grace
+        self._km: AsyncKernelManager | None = None
+        self._client: AsyncKernelClient | None = None
+        self._private_dir: Path | None = None
+        self._log_file: IO[bytes] | None = None
+        self._log_offset = 0
+        self._started = False
+        self._closing: asyncio.Task[None] | None = None
+        # Why we ended a given kernel pid ourselves, so a running cell can say so.
+        self._stop_reasons: dict[int, str] = {}
+        self._exec_lock = asyncio.Lock()
+        self._life_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def pid(self) -> int | None:
+        """Pid of the current kernel process (kept after it dies, for diagnostics)."""
+        provisioner = self._km.provisioner if self._km is not None else None
+        return getattr(provisioner, "pid", None)
+
+    @property
+    def is_alive(self) -> bool:
+        """Cheap and non-blocking: ``Popen.poll`` is a ``waitpid(WNOHANG)``."""
+        process = self._process()
+        return process is not None and process.poll() is None
+
+    def _process(self) -> subprocess.Popen[bytes] | None:
+        provisioner = self._km.provisioner if self._km is not None else None
+        return getattr(provisioner, "process", None)
+
+    @property
+    def _actual_log_path(self) -> Path:
+        assert self._private_dir is not None
+        return self._log_path or self._private_dir / "kernel.log"
+
+    # ---------------------------------------------------------------- start-up
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Launch the kernel and wait until it answers ``kernel_info``.
+
+        On failure everything is cleaned up and :class:`KernelStartError` carries the
+        tail of the kernel's own output (a missing ipykernel, a broken environment...).
+        """
+        async with self._life_lock:
+            if self._started:
+                raise KernelError("This kernel was already started; create a new one.")
+            self._started = True
+            try:
+                try:
+                    await asyncio.to_thread(self._prepare_files)
+                except OSError as exc:
+                    raise KernelStartError(f"Could not prepare the kernel's files: {exc}") from exc
+                self._km = self._make_manager()
+                await self._launch(timeout)
+            except BaseException:
+                await self._teardown()
+                raise
+
+    def _prepare_files(self) -> None:
+        """Private folder with the kernelspec; runs in a thread (file system work)."""
+        self._private_dir = Path(tempfile.mkdtemp(prefix="hypha-kernel-"))
+        spec_dir = self._private_dir / "kernels" / SPEC_NAME
+        spec_dir.mkdir(parents=True)
+        spec = {
+            "argv": [str(self._python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": f"Python ({self._python})",
+            "language": "python",
+            "interrupt_mode": "signal",
+        }
+        (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
+        log_path = self._actual_log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = log_path.open("ab")
+
+    def _make_manager(self) -> AsyncKernelManager:
+        """A manager that only sees our spec and keeps all its files in the private folder."""
+        assert self._private_dir is not None
+        specs = KernelSpecManager(
+            kernel_dirs=[str(self._private_dir / "kernels")], ensure_native_kernel=False
+        )
+        km = AsyncKernelManager(kernel_name=SPEC_NAME, kernel_spec_manager=specs)
+        km.connection_file = str(self._private_dir / "connection.json")
+        ipc_base = str(self._private_dir / "zmq")
+        if os.name == "posix" and len(ipc_base) < IPC_PATH_LIMIT:
+            km.transport = "ipc"
+            km.ip = ipc_base
+        km.shutdown_wait_time = SHUTDOWN_WAIT
+        return km
+
+    async def _launch(self, timeout: float) -> None:
+        """Start the process (first start) and connect a fresh client."""
+        assert self._km is not None
+        self._mark_log()
+        try:
+            await self._km.start_kernel(
+                cwd=str(self._cwd),
+                env=self._env,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+            )
+        except Exception as exc:
+            raise KernelStartError(f"Could not launch {self._python}: {exc}") from exc
+        await self._connect(timeout)
+
+    def _mark_log(self) -> None:
+        """Remember where this launch's output starts, so failures quote only it.
+
+        ``fstat`` rather than ``tell``: the kernel appends through its own descriptor.
+        """
+        assert self._log_file is not None
+        self._log_offset = os.fstat(self._log_file.fileno()).st_size
+
+    async def _connect(self, timeout: float) -> None:
+        """Wait for the handshake, or for the process to exit (a broken env fails fast)."""
+        assert self._km is not None
+        process = self._process()
+        assert process is not None
+        client = self._km.client()
+        client.start_channels()
+        self._client = client
+        ready = asyncio.create_task(_handshake(client))
+        exited = asyncio.create_task(_wait_for_exit(process))
+        try:
+            done, _ = await asyncio.wait(
+                {ready, exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if ready in done:
+                ready.result()
+                return
+        finally:
+            await _cancel(ready, exited)
+        reason = f"it did not answer within {timeout:g} s"
+        raise KernelStartError(await self._start_failure_message(reason))
+
+    async def _start_failure_message(self, reason: str) -> str:
+        if not self.is_alive:
+            process = self._process()
+            returncode = process.returncode if process is not None else None
+            reason = f"the kernel process exited ({_describe_exit(returncode)})"
+        tail = await asyncio.to_thread(_read_log_tail, self._actual_log_path, self._log_offset)
+        message = f"The kernel ({self._python}) did not start: {reason}."
+        if tail:
+            message += f"\nLast lines of the kernel's output:\n{tail}"
+        return message
+
+    # --------------------------------------------------------------- execution
+
+    async def execute(
+        self,
+        code: str,
+        *,
+        timeout: float | None = None,
+        output_callback: OutputCallback | None = None,
+    ) -> dict[str, Any]:
+        """Run one cell and return the contract result.
+
+        ``timeout`` counts from when the cell is sent (not time spent queued behind
+        other cells). On timeout the kernel is interrupted and keeps its state; if it
+        does not stop within ``interrupt_grace`` seconds it is restarted.
+        """
+        async with self._exec_lock:
+            async with self._life_lock:  # a restart in progress finishes first
+                client, process = self._running()
+            cell = _Cell(output_callback)
+            # stop_on_error=False: cells never queue in the kernel (the lock), except
+            # right after a cancelled execute, whose interrupted cell would otherwise
+            # make the kernel abort this one.
+            msg_id = client.execute(code, allow_stdin=False, stop_on_error=False)
+            reader = asyncio.create_task(self._read_cell(client, msg_id, cell))
+            exited = asyncio.create_task(_wait_for_exit(process))
+            try:
+                return await self._supervise(cell, reader, exited, process, timeout)
+            except asyncio.CancelledError:
+                await self._interrupt_quietly(process)
+                raise
+            finally:
+                await _cancel(reader, exited)
+
+    def _running(self) -> tuple[AsyncKernelClient, subprocess.Popen[bytes]]:
+        """The client and process a cell runs on, or the reason it cannot run."""
+        if not self._started:
+            raise KernelError("The kernel has not been started.")
+        process = self._process()
+        if self._closing is not None or self._client is None or process is None:
+            raise KernelDiedError("The kernel has been shut down.")
+        if process.poll() is not None:
+            raise KernelDiedError(
+                f"The kernel is not running ({_describe_exit(process.returncode)}); "
+                "restart it to continue."
+            )
+        return self._client, process
+
+    @staticmethod
+    async def _read_cell(client: AsyncKernelClient, msg_id: str, cell: _Cell) -> dict[str, Any]:
+        """Collect IOPub output until ``idle`` for our request, then return the shell reply."""
+        while True:
+            msg = await client.get_iopub_msg()
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+            await cell.handle(msg)
+        while True:
+            reply = await client.get_shell_msg()
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return reply["content"]
+
+    async def _supervise(
+        self,
+        cell: _Cell,
+        reader: asyncio.Task[dict[str, Any]],
+        exited: asyncio.Task[Any],
+        process: subprocess.Popen[bytes],
+        timeout: float | None,
+    ) -> dict[str, Any]:
+        """Decide how the cell ended: reply, kernel death, or timeout (then interrupt)."""
+        outcome = await _race(reader, exited, timeout)
+        if outcome == "reply":
+            return self._finish(cell, reader, process)
+        if outcome == "exit":
+            return await self._died(cell, reader, process)
+
+        assert timeout is not None
+        await self._interrupt_quietly(process)
+        outcome = await _race(reader, exited, self._interrupt_grace)
+        if outcome == "exit":
+            return await self._died(cell, reader, process)
+        if outcome == "reply":
+            result = self._finish(cell, reader, process)
+            if result["status"] == "ok":  # it finished just as the timeout hit
+                return result
+            return cell.failure(
+                "TimeoutError",
+                f"The cell ran longer than {timeout:g} s and was interrupted. "
+                "The kernel kept its state.",
+            )
+        await self._restart_after_timeout(process)
+        return cell.failure(
+            "TimeoutError",
+            f"The cell ran longer than {timeout:g} s and did not stop within "
+            f"{self._interrupt_grace:g} s of being interrupted, so the kernel was restarted; "
+            "its state (variables, imports) is lost.",
+        )
+
+    def _finish(
+        self, cell: _Cell, reader: asyncio.Task[dict[str, Any]], process: subprocess.Popen[bytes]
+    ) -> dict[str, Any]:
+        """A reader that failed because we closed its sockets means the kernel went away."""
+        if not reader.cancelled() and reader.exception() is None:
+            return cell.from_reply(reader.result())
+        reason = self._stop_reasons.get(process.pid)
+        if reason is not None or process.poll() is not None:
+            return self._died_result(cell, process)
+        error = None if reader.cancelled() else reader.exception()
+        raise KernelError(f"Lost contact with the kernel: {error or 'channel closed'}")
+
+    async def _died(
+        self, cell: _Cell, reader: asyncio.Task[dict[str, Any]], process: subprocess.Popen[bytes]
+    ) -> dict[str, Any]:
+        """The process ended under the cell; reap what the user's code left in its group.
+
+        Output the kernel sent just before dying may still sit in our socket, so the
+        reader gets a moment to drain it (until it goes quiet, at most DEATH_DRAIN).
+        """
+        deadline = asyncio.get_running_loop().time() + DEATH_DRAIN
+        while not reader.done() and asyncio.get_running_loop().time() < deadline:
+            seen = cell.messages_seen
+            await asyncio.wait({reader}, timeout=DEATH_DRAIN_QUIET)
+            if cell.messages_seen == seen:
+                break
+        if process.pid not in self._stop_reasons:
+            _kill_group(getattr(self._km.provisioner, "pgid", None) if self._km else None)
+        return self._died_result(cell, process)
+
+    def _died_result(self, cell: _Cell, process: subprocess.Popen[bytes]) -> dict[str, Any]:
+        reason = self._stop_reasons.get(process.pid)
+        if reason is not None:
+            message = f"The kernel was {reason} while this cell was running."
+        else:
+            message = (
+                f"The kernel died while running this cell ({_describe_exit(process.poll())}). "
+                "Its state is lost; restart the kernel to continue."
+            )
+        return cell.failure("KernelDied", message)
+
+    async def _interrupt_quietly(self, process: subprocess.Popen[bytes]) -> None:
+        """Best effort SIGINT to the kernel that runs this cell (and not a newer one)."""
+        if self._km is None or self._process() is not process or process.poll() is not None:
+            return
+        try:
+            await self._km.interrupt_kernel()
+        except Exception:
+            logger.exception("Could not interrupt kernel %s", process.pid)
+
+    async def _restart_after_timeout(self, process: subprocess.Popen[bytes]) -> None:
+        """Only restart if nobody else restarted or shut the kernel down meanwhile."""
+        if self._closing is None and self._process() is process:
+            await self.restart()
+
+    # ---------------------------------------------------------------- control
+
+    async def interrupt(self) -> None:
+        """Send SIGINT to the kernel's process group; the running cell gets KeyboardInterrupt."""
+        _, process = self._running()
+        assert self._km is not None
+        await self._km.interrupt_kernel()
+        logger.debug("Interrupted kernel %s", process.pid)
+
+    async def restart(self, timeout: float = 60.0) -> None:
+        """Kill the kernel and its process group, start a fresh one, reconnect.
+
+        A cell running meanwhile returns a ``KernelDied`` error saying it was restarted.
+        """
+        async with self._life_lock:
+            if not self._started or self._km is None or self._closing is not None:
+                raise KernelError("Cannot restart a kernel that is not running.")
+            if self.pid is not None:
+                self._stop_reasons[self.pid] = "restarted"
+            self._close_client()
+            self._mark_log()
+            try:
+                await self._km.restart_kernel(now=True)
+            except Exception as exc:
+                message = await self._start_failure_message(str(exc))
+                raise KernelStartError(message) from exc
+            await self._connect(timeout)
+
+    async def shutdown(self) -> None:
+        """Stop the kernel and everything in its process group; remove its files.
+
+        Idempotent, and shielded from cancellation so no process is left behind.
+        """
+        if self._closing is None:
+            self._closing = asyncio.create_task(self._shutdown_once())
+        await asyncio.shield(self._closing)
+
+    async def _shutdown_once(self) -> None:
+        async with self._life_lock:
+            await self._teardown()
+
+    def _close_client(self) -> None:
+        if self._client is not None:
+            self._client.stop_channels()
+            self._client = None
+
+    async def _teardown(self) -> None:
+        """Graceful shutdown, then SIGKILL the group; never raises."""
+        km = self._km
+        pgid = getattr(km.provisioner, "pgid", None) if km is not None else None
+        if self.pid is not None:
+            self._stop_reasons[self.pid] = "shut down"
+        self._close_client()
+        if km is not None:
+            await self._stop_manager(km)
+        _kill_group(pgid)
+        self._km = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        if self._private_dir is not None:
+            await asyncio.to_thread(shutil.rmtree, self._private_dir, True)
+            self._private_dir = None
+
+    @staticmethod
+    async def _stop_manager(km: AsyncKernelManager) -> None:
+        """Ask politely (atexit handlers run), escalate to killing if anything goes wrong."""
+        try:
+            if km.has_kernel:
+                await km.shutdown_kernel(now=False)
+            else:
+                await km.cleanup_resources()
+        except Exception:
+            logger.exception("Graceful kernel shutdown failed; killing it")
+            with contextlib.suppress(Exception):
+                await km.shutdown_kernel(now=True)
