@@ -132,16 +132,22 @@ async def _serve_worker(settings: Settings) -> int:
     worker = CondaWorker(settings)
     service = await server.register_service(worker.service_definition())
     print(f"Worker registered as {service.id}; press Ctrl+C to stop.", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = _stop_on_signals()
     await stop.wait()
     print("Stopping: shutting down sessions...", flush=True)
     await worker.shutdown()
     with contextlib.suppress(Exception):
         await server.disconnect()
     return 0
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """An event set by Ctrl+C or SIGTERM (how Kubernetes and Docker stop containers)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 def _run_serve(argv: list[str]) -> int:
@@ -154,10 +160,7 @@ async def _serve_local(options: argparse.Namespace) -> int:
     from hypha_conda_plugin.local_server import LocalServer
 
     server = LocalServer(Path(options.data_dir), port=options.port, s3=not options.no_s3)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = _stop_on_signals()
     async with server:
         print(f"Hypha server with the conda worker at {server.url}")
         print(f"  root token: {server.root_token}\n  logs: {server.log_path}", flush=True)

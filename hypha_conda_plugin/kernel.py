@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -49,6 +48,8 @@ from typing import IO, Any, Literal
 
 from jupyter_client import AsyncKernelClient, AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
+
+from hypha_conda_plugin.callbacks import notify
 
 logger = logging.getLogger(__name__)
 
@@ -108,18 +109,6 @@ def _describe_exit(returncode: int | None) -> str:
         hint = "; possibly out of memory" if -returncode == signal.SIGKILL else ""
         return f"killed by {name}{hint}"
     return f"exit code {returncode}"
-
-
-async def _call_output_callback(callback: OutputCallback | None, item: dict[str, Any]) -> None:
-    """A broken or disconnected client must not break the cell, so errors are only logged."""
-    if callback is None:
-        return
-    try:
-        result = callback(item)
-        if inspect.isawaitable(result):
-            await result
-    except Exception:
-        logger.exception("Output callback failed for a %s item", item.get("type"))
 
 
 async def _wait_for_exit(process: subprocess.Popen[bytes]) -> int | None:
@@ -260,7 +249,7 @@ class _Cell:
             last["text"] += item["text"]
         else:
             self.outputs.append(dict(item))
-        await _call_output_callback(self.callback, item)
+        await notify(self.callback, item)
 
     async def _update_display(self, content: dict[str, Any]) -> None:
         """Update displays of this cell in place; one from an earlier cell becomes new output.
@@ -278,7 +267,7 @@ class _Cell:
             return
         update = self._rich_item("display_data", content)
         update["type"] = "update_display_data"
-        await _call_output_callback(self.callback, update)
+        await notify(self.callback, update)
 
     async def _clear(self, *, wait: bool) -> None:
         """``clear_output(wait=True)`` clears only when the next output arrives (no flicker)."""
@@ -291,7 +280,7 @@ class _Cell:
             return
         self._clear_pending = False
         self.outputs.clear()
-        await _call_output_callback(self.callback, {"type": "clear_output"})
+        await notify(self.callback, {"type": "clear_output"})
 
     def result(self, status: str, error: dict[str, Any] | None) -> dict[str, Any]:
         """The contract's execute result."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import shutil
 import uuid
@@ -20,6 +19,7 @@ from typing import Any
 import httpx
 
 from hypha_conda_plugin import __version__
+from hypha_conda_plugin.callbacks import notify
 from hypha_conda_plugin.childenv import clean_env
 from hypha_conda_plugin.envs.builders import RattlerBuilder
 from hypha_conda_plugin.envs.cache import EnvCache
@@ -37,7 +37,6 @@ from hypha_conda_plugin.settings import SUPPORTED_APP_TYPE, Settings
 
 logger = logging.getLogger(__name__)
 
-CALLBACK_TIMEOUT = 10.0
 MAX_SESSION_ID_LENGTH = 256
 
 
@@ -59,18 +58,6 @@ class Caller:
             return cls(workspace="local", user_id="root")
         user = context.get("user") or {}
         return cls(workspace=str(context.get("ws") or ""), user_id=user.get("id"))
-
-
-async def _notify(callback: Callable | None, message: dict[str, Any]) -> None:
-    """Call a progress/output callback (sync, async or remote) without letting it fail us."""
-    if callback is None:
-        return
-    try:
-        result = callback(message)
-        if inspect.isawaitable(result):
-            await asyncio.wait_for(result, CALLBACK_TIMEOUT)
-    except Exception as error:  # a client that went away must not break the session
-        logger.debug("Callback failed: %s", error)
 
 
 class CondaWorker:
@@ -148,7 +135,7 @@ class CondaWorker:
 
         async def progress(message: dict[str, Any]) -> None:
             session.log.add("progress", message.get("message", ""))
-            await _notify(callback, message)
+            await notify(callback, message)
 
         try:
             await progress(
@@ -172,7 +159,7 @@ class CondaWorker:
             session.state = SessionState.FAILED
             session.error = str(error)
             session.log.add("error", f"Start failed: {error}")
-            await _notify(
+            await notify(
                 callback,
                 {"type": "error", "stage": "start", "message": f"Failed to start session: {error}"},
             )
@@ -204,14 +191,14 @@ class CondaWorker:
             raise CondaWorkerError("execute() needs the code as a string in 'script'.")
         kernel = self._live_kernel(session)
         timeout = (config or {}).get("timeout", self.settings.default_execute_timeout)
-        await _notify(
+        await notify(
             progress_callback, {"type": "info", "stage": "execute", "message": "Executing code"}
         )
 
         async def on_output(item: dict[str, Any]) -> None:
             if item.get("type") == "stream":
                 session.log.add(item.get("name", "stdout"), item.get("text", ""))
-            await _notify(output_callback, item)
+            await notify(output_callback, item)
 
         session.running += 1
         session.state = SessionState.BUSY
@@ -227,7 +214,7 @@ class CondaWorker:
         if result.get("status") == "error" and result.get("error"):
             error = result["error"]
             session.log.add("error", f"{error.get('ename')}: {error.get('evalue')}")
-        await _notify(
+        await notify(
             progress_callback,
             {
                 "type": "success" if result.get("status") == "ok" else "error",
