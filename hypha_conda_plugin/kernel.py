@@ -28,6 +28,9 @@ Design notes (why, not what):
   ``start_new_session=True``). Interrupts go to the whole group, as in Jupyter, and
   shutdown ends with ``SIGKILL`` to the group so that processes the user's code started
   do not outlive the session (a child that calls ``setsid`` itself can escape).
+- What a cell's messages become for clients (the result contract: stream merging,
+  displays, errors with plain tracebacks) is :mod:`hypha_conda_plugin.outputs`; this
+  module only decides when a cell ended and why.
 """
 
 from __future__ import annotations
@@ -37,23 +40,20 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any, Literal
 
 from jupyter_client import AsyncKernelClient, AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 
-from hypha_conda_plugin.callbacks import notify
+from hypha_conda_plugin.outputs import CellOutputs, OutputCallback, strip_ansi
 
 logger = logging.getLogger(__name__)
-
-OutputCallback = Callable[[dict[str, Any]], Any]
 
 SPEC_NAME = "hypha-conda"
 # How long to wait for IOPub to echo a kernel_info request before asking again.
@@ -71,9 +71,6 @@ IPC_PATH_LIMIT = 90
 LOG_TAIL_LINES = 40
 LOG_TAIL_BYTES = 16_384
 
-# CSI sequences (colors), OSC sequences (hyperlinks, titles) and two-byte escapes.
-_ANSI_RE = re.compile(r"\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]")
-
 
 class KernelError(Exception):
     """Base class for kernel failures; messages are written for end users."""
@@ -85,16 +82,6 @@ class KernelStartError(KernelError):
 
 class KernelDiedError(KernelError):
     """The kernel is not running (it died or was shut down)."""
-
-
-def strip_ansi(text: str) -> str:
-    """Remove terminal escape codes: clients show tracebacks as plain text."""
-    return _ANSI_RE.sub("", text)
-
-
-def plain_traceback(frames: list[str]) -> list[str]:
-    """IPython's traceback frames are colored multi-line strings; clients want lines."""
-    return [line for frame in frames for line in strip_ansi(frame).splitlines()]
 
 
 def _describe_exit(returncode: int | None) -> str:
@@ -182,135 +169,6 @@ def _read_log_tail(path: Path, offset: int) -> str:
     except OSError:
         return ""
     return "\n".join(strip_ansi(text).splitlines()[-LOG_TAIL_LINES:])
-
-
-class _Cell:
-    """Turns the IOPub messages of one execution into contract output items."""
-
-    def __init__(self, callback: OutputCallback | None) -> None:
-        self.callback = callback
-        self.outputs: list[dict[str, Any]] = []
-        self.error: dict[str, Any] | None = None
-        self.execution_count: int | None = None
-        self._clear_pending = False
-        self.messages_seen = 0
-
-    async def handle(self, msg: dict[str, Any]) -> None:
-        """Dispatch one IOPub message; unknown types (status, comms) are ignored."""
-        self.messages_seen += 1
-        kind, content = msg["msg_type"], msg["content"]
-        if kind == "stream":
-            await self._add({"type": "stream", "name": content["name"], "text": content["text"]})
-        elif kind in ("execute_result", "display_data"):
-            await self._add(self._rich_item(kind, content))
-        elif kind == "update_display_data":
-            await self._update_display(content)
-        elif kind == "clear_output":
-            await self._clear(wait=bool(content.get("wait")))
-        elif kind == "error":
-            self.error = self.error_from(content)
-        elif kind == "execute_input":
-            self.execution_count = content.get("execution_count")
-
-    @staticmethod
-    def error_from(content: dict[str, Any]) -> dict[str, Any]:
-        """The contract's error shape, with a plain-text traceback."""
-        return {
-            "ename": content.get("ename", "Error"),
-            "evalue": content.get("evalue", ""),
-            "traceback": plain_traceback(content.get("traceback") or []),
-        }
-
-    @staticmethod
-    def _rich_item(kind: str, content: dict[str, Any]) -> dict[str, Any]:
-        """Keep the display id (when there is one) so a streaming client can apply updates."""
-        item: dict[str, Any] = {
-            "type": kind,
-            "data": content.get("data", {}),
-            "metadata": content.get("metadata", {}),
-        }
-        if kind == "execute_result":
-            item["execution_count"] = content.get("execution_count")
-        display_id = (content.get("transient") or {}).get("display_id")
-        if display_id is not None:
-            item["display_id"] = display_id
-        return item
-
-    async def _add(self, item: dict[str, Any]) -> None:
-        """Append an item, merging consecutive chunks of one stream into one item."""
-        await self._apply_pending_clear()
-        last = self.outputs[-1] if self.outputs else None
-        if (
-            item["type"] == "stream"
-            and last is not None
-            and last["type"] == "stream"
-            and last["name"] == item["name"]
-        ):
-            last["text"] += item["text"]
-        else:
-            self.outputs.append(dict(item))
-        await notify(self.callback, item)
-
-    async def _update_display(self, content: dict[str, Any]) -> None:
-        """Update displays of this cell in place; one from an earlier cell becomes new output.
-
-        The final result cannot reach back into an earlier cell's outputs, so showing
-        the update as a fresh display is the most useful thing left to do.
-        """
-        display_id = (content.get("transient") or {}).get("display_id")
-        matches = [o for o in self.outputs if display_id and o.get("display_id") == display_id]
-        for item in matches:
-            item["data"] = content.get("data", {})
-            item["metadata"] = content.get("metadata", {})
-        if not matches:
-            await self._add(self._rich_item("display_data", content))
-            return
-        update = self._rich_item("display_data", content)
-        update["type"] = "update_display_data"
-        await notify(self.callback, update)
-
-    async def _clear(self, *, wait: bool) -> None:
-        """``clear_output(wait=True)`` clears only when the next output arrives (no flicker)."""
-        self._clear_pending = True
-        if not wait:
-            await self._apply_pending_clear()
-
-    async def _apply_pending_clear(self) -> None:
-        if not self._clear_pending:
-            return
-        self._clear_pending = False
-        self.outputs.clear()
-        await notify(self.callback, {"type": "clear_output"})
-
-    def result(self, status: str, error: dict[str, Any] | None) -> dict[str, Any]:
-        """The contract's execute result."""
-        return {
-            "status": status,
-            "outputs": self.outputs,
-            "error": error,
-            "execution_count": self.execution_count,
-        }
-
-    def from_reply(self, reply: dict[str, Any]) -> dict[str, Any]:
-        """Build the result from the shell reply; the IOPub error is preferred (same data)."""
-        if reply.get("execution_count") is not None:
-            self.execution_count = reply["execution_count"]
-        status = reply.get("status", "error")
-        if status == "ok":
-            return self.result("ok", None)
-        if status == "aborted":
-            aborted = {
-                "ename": "ExecutionAborted",
-                "evalue": "The cell was aborted.",
-                "traceback": [],
-            }
-            return self.result("error", self.error or aborted)
-        return self.result("error", self.error or self.error_from(reply))
-
-    def failure(self, ename: str, evalue: str) -> dict[str, Any]:
-        """An error we diagnosed ourselves; keeps the traceback the kernel sent, if any."""
-        traceback = self.error["traceback"] if self.error else []
-        return self.result("error", {"ename": ename, "evalue": evalue, "traceback": traceback})
 
 
 class Kernel:
@@ -502,7 +360,7 @@ class Kernel:
         async with self._exec_lock:
             async with self._life_lock:  # a restart in progress finishes first
                 client, process = self._running()
-            cell = _Cell(output_callback)
+            cell = CellOutputs(output_callback)
             # stop_on_error=False: cells never queue in the kernel (the lock), except
             # right after a cancelled execute, whose interrupted cell would otherwise
             # make the kernel abort this one.
@@ -532,7 +390,9 @@ class Kernel:
         return self._client, process
 
     @staticmethod
-    async def _read_cell(client: AsyncKernelClient, msg_id: str, cell: _Cell) -> dict[str, Any]:
+    async def _read_cell(
+        client: AsyncKernelClient, msg_id: str, cell: CellOutputs
+    ) -> dict[str, Any]:
         """Collect IOPub output until ``idle`` for our request, then return the shell reply."""
         while True:
             msg = await client.get_iopub_msg()
@@ -548,7 +408,7 @@ class Kernel:
 
     async def _supervise(
         self,
-        cell: _Cell,
+        cell: CellOutputs,
         reader: asyncio.Task[dict[str, Any]],
         exited: asyncio.Task[Any],
         process: subprocess.Popen[bytes],
@@ -584,7 +444,10 @@ class Kernel:
         )
 
     def _finish(
-        self, cell: _Cell, reader: asyncio.Task[dict[str, Any]], process: subprocess.Popen[bytes]
+        self,
+        cell: CellOutputs,
+        reader: asyncio.Task[dict[str, Any]],
+        process: subprocess.Popen[bytes],
     ) -> dict[str, Any]:
         """A reader that failed because we closed its sockets means the kernel went away."""
         if not reader.cancelled() and reader.exception() is None:
@@ -596,7 +459,10 @@ class Kernel:
         raise KernelError(f"Lost contact with the kernel: {error or 'channel closed'}")
 
     async def _died(
-        self, cell: _Cell, reader: asyncio.Task[dict[str, Any]], process: subprocess.Popen[bytes]
+        self,
+        cell: CellOutputs,
+        reader: asyncio.Task[dict[str, Any]],
+        process: subprocess.Popen[bytes],
     ) -> dict[str, Any]:
         """The process ended under the cell; reap what the user's code left in its group.
 
@@ -613,7 +479,7 @@ class Kernel:
             _kill_group(getattr(self._km.provisioner, "pgid", None) if self._km else None)
         return self._died_result(cell, process)
 
-    def _died_result(self, cell: _Cell, process: subprocess.Popen[bytes]) -> dict[str, Any]:
+    def _died_result(self, cell: CellOutputs, process: subprocess.Popen[bytes]) -> dict[str, Any]:
         reason = self._stop_reasons.get(process.pid)
         if reason is not None:
             message = f"The kernel was {reason} while this cell was running."

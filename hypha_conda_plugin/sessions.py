@@ -7,6 +7,7 @@ lookup can only ever find the caller's own.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import time
@@ -77,6 +78,7 @@ class Session:
     error: str | None = None
     executions: int = 0
     running: int = 0
+    start_task: asyncio.Task | None = None
 
     def info(self) -> dict[str, Any]:
         return {

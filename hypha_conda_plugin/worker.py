@@ -63,9 +63,14 @@ class Caller:
 class CondaWorker:
     """Runs Jupyter kernels in conda environments for Hypha callers."""
 
-    def __init__(self, settings: Settings, *, server_url: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, server_url: str | None = None, in_server: bool = False
+    ) -> None:
+        """``in_server``: running inside the Hypha server (startup function), so the app
+        controller should hand us its local URLs rather than public ones."""
         self.settings = settings
         self.server_url = server_url or settings.server_url
+        self.in_server = in_server
         builder = RattlerBuilder(
             pkgs_dir=settings.pkgs_dir,
             repodata_cache_dir=settings.cache_dir / "repodata",
@@ -95,7 +100,7 @@ class CondaWorker:
             "type": "server-app-worker",
             "config": config,
             "supported_types": [SUPPORTED_APP_TYPE],
-            "use_local_url": self.server_url is not None and self.settings.server_url is None,
+            "use_local_url": self.in_server,
             "start": self.start,
             "stop": self.stop,
             "execute": self.execute,
@@ -131,6 +136,7 @@ class CondaWorker:
             manifest, default_channels=self.settings.default_channels, for_app=names_app
         )
         session = self.sessions.create(workspace, session_id, config.get("app_id"))
+        session.start_task = asyncio.current_task()
         callback = config.get("progress_callback")
 
         async def progress(message: dict[str, Any]) -> None:
@@ -156,15 +162,22 @@ class CondaWorker:
             if entry_code is not None:
                 await self._run_entry_point(session, entry_code, manifest, config, progress)
         except BaseException as error:
+            if session.state == SessionState.STOPPING:
+                # stop() cancelled us; it releases the session itself.
+                raise SessionStateError(
+                    f"Session '{session_id}' was stopped while starting."
+                ) from error
             session.state = SessionState.FAILED
-            session.error = str(error)
+            session.error = str(error) or type(error).__name__
             session.log.add("error", f"Start failed: {error}")
             await notify(
                 callback,
                 {"type": "error", "stage": "start", "message": f"Failed to start session: {error}"},
             )
+            session.start_task = None
             await asyncio.shield(self._release(session, keep_record=True))
             raise
+        session.start_task = None
         session.state = SessionState.READY
         await progress(
             {
@@ -229,7 +242,13 @@ class CondaWorker:
         session = self._session(session_id, context)
         if session.state == SessionState.STOPPING:
             return
+        starting = session.start_task if session.state == SessionState.STARTING else None
         session.state = SessionState.STOPPING
+        if starting is not None and starting is not asyncio.current_task():
+            # Cancel the start (a build child is killed, a half-built env removed) before
+            # releasing, or it would go on and launch a kernel nobody owns.
+            starting.cancel()
+            await asyncio.wait({starting})
         await self._release(session, keep_record=False)
 
     async def get_logs(

@@ -56,6 +56,12 @@ async def kernel_python(offline_channel: ChannelBuildResult, session_tmp: Path) 
     return env.python
 
 
+def env_folders(worker_dirs: dict[str, Path]) -> set[str]:
+    """Names of the environment folders in the worker's cache (none before the first)."""
+    envs = worker_dirs["cache"] / "envs"
+    return {p.name for p in envs.iterdir() if p.is_dir()} if envs.exists() else set()
+
+
 @pytest.fixture(scope="session")
 def worker_dirs(session_tmp: Path) -> dict[str, Path]:
     return {"working": session_tmp / "sessions", "cache": session_tmp / "worker-cache"}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import WALKTHROUGH_DEPENDENCIES
+from tests.conftest import WALKTHROUGH_DEPENDENCIES, env_folders
 
 WALKTHROUGH_CELL = """
 import numpy as np
@@ -244,13 +244,12 @@ async def test_bad_manifest_gets_a_clear_error(conda_worker):
 
 
 async def test_unknown_package_fails_cleanly_without_leftovers(conda_worker, worker_dirs):
-    envs_dir = worker_dirs["cache"] / "envs"
-    before = {p.name for p in envs_dir.iterdir() if p.is_dir()}
+    before = env_folders(worker_dirs)
     with pytest.raises(Exception, match="no-such-package-hcp"):
         await conda_worker.start(
             {"id": "bad-pkg", "manifest": {"dependencies": ["python", "no-such-package-hcp"]}}
         )
-    after = {p.name for p in envs_dir.iterdir() if p.is_dir()}
+    after = env_folders(worker_dirs)
     assert after == before  # no half-built environment left to be reused
     info = await conda_worker.get_session_info("bad-pkg")
     assert info["status"] == "failed"

@@ -21,8 +21,8 @@ from hypha_conda_plugin.kernel import (
     KernelDiedError,
     KernelError,
     KernelStartError,
-    strip_ansi,
 )
+from hypha_conda_plugin.outputs import strip_ansi
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import WALKTHROUGH_DEPENDENCIES
+from tests.conftest import WALKTHROUGH_DEPENDENCIES, env_folders
 
 
 def make_wheel(folder: Path, name: str = "hcp_hello", version: str = "1.0") -> Path:
@@ -45,10 +45,9 @@ async def test_pip_packages_are_installed_into_the_environment(conda_worker, tmp
 async def test_failed_pip_install_names_the_requirement_and_leaves_no_env(
     conda_worker, worker_dirs, tmp_path
 ):
-    envs_dir = worker_dirs["cache"] / "envs"
-    before = {p.name for p in envs_dir.iterdir() if p.is_dir()}
+    before = env_folders(worker_dirs)
     missing = tmp_path / "not_there-1.0-py3-none-any.whl"
     manifest = {"dependencies": ["python", {"pip": [str(missing)]}]}
     with pytest.raises(Exception, match=r"pip install .*not_there-1\.0"):
         await conda_worker.start({"id": "pip-fails", "manifest": manifest})
-    assert {p.name for p in envs_dir.iterdir() if p.is_dir()} == before
+    assert env_folders(worker_dirs) == before

@@ -1,0 +1,90 @@
+"""Concurrent and interrupted starts: one build per environment, nothing orphaned."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from hypha_conda_plugin.sessions import safe_name
+from tests.conftest import env_folders
+
+
+def _kernel_processes_in(folder: Path) -> list[int]:
+    """Pids of ipykernel processes whose working directory lies under ``folder``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        if b"ipykernel_launcher" in cmdline and cwd.is_relative_to(folder):
+            pids.append(int(entry.name))
+    return pids
+
+
+async def test_concurrent_starts_of_a_new_environment_build_it_once(conda_worker):
+    # A spec no other test uses, so the first start must build it.
+    manifest = {"dependencies": ["python", "numpy", "ipykernel"], "channels": ["conda-forge"]}
+    logs: dict[str, list[str]] = {"a": [], "b": []}
+
+    def recorder(name: str):
+        return lambda message: logs[name].append(message["message"])
+
+    ids = await asyncio.gather(
+        conda_worker.start(
+            {"id": "twin-a", "manifest": manifest, "progress_callback": recorder("a")}
+        ),
+        conda_worker.start(
+            {"id": "twin-b", "manifest": manifest, "progress_callback": recorder("b")}
+        ),
+    )
+    try:
+        built = [n for n, msgs in logs.items() if any("Building environment" in m for m in msgs)]
+        reused = [n for n, msgs in logs.items() if any("Reusing cached" in m for m in msgs)]
+        assert len(built) == 1 and len(reused) == 1, logs
+        infos = [await conda_worker.get_session_info(i) for i in ids]
+        assert infos[0]["environment"] == infos[1]["environment"]
+        for session_id in ids:
+            result = await conda_worker.execute(
+                session_id, "import numpy; print(numpy.ones(2).sum())"
+            )
+            assert result["outputs"][0]["text"] == "2.0\n"
+    finally:
+        for session_id in ids:
+            await conda_worker.stop(session_id)
+
+
+async def test_stop_during_a_build_cancels_it_and_leaves_nothing(conda_worker, worker_dirs):
+    manifest = {"dependencies": ["python", "pandas"], "channels": ["conda-forge"]}
+    building = asyncio.Event()
+
+    def on_progress(message: dict) -> None:
+        if message.get("stage", "").startswith("build:"):
+            building.set()
+
+    before = env_folders(worker_dirs)
+    start = asyncio.ensure_future(  # a remote call returns a Future
+        conda_worker.start(
+            {"id": "stopped-early", "manifest": manifest, "progress_callback": on_progress}
+        )
+    )
+    await asyncio.wait_for(building.wait(), 60)
+    await conda_worker.stop("stopped-early")
+
+    with pytest.raises(Exception, match="stopped while starting"):
+        await start
+    # The half-built environment is gone, and so is the session.
+    assert env_folders(worker_dirs) == before
+    assert "stopped-early" not in [s["session_id"] for s in await conda_worker.list_sessions()]
+    # A start that went on regardless would have launched a kernel in the session's
+    # folder within a second or two: wait, then make sure none exists.
+    folder = worker_dirs["working"] / safe_name("alice-ws") / safe_name("stopped-early")
+    await asyncio.sleep(3)
+    assert _kernel_processes_in(folder) == []
+    assert not folder.exists()
