@@ -44,6 +44,7 @@ class LocalServer:
     s3: bool = True
     server_apps: bool = True
     plugin_env: Mapping[str, str] = field(default_factory=dict)
+    wait_for_worker: bool = True
     root_token: str = field(default_factory=lambda: "local-" + secrets.token_hex(24))
     _processes: list[tuple[asyncio.subprocess.Process, IO[bytes]]] = field(default_factory=list)
 
@@ -104,7 +105,8 @@ class LocalServer:
             env = {**os.environ, **self.plugin_env}
             await self._spawn([sys.executable, "-m", "hypha.server", *args], "hypha.log", env)
             await self._wait_ready(f"{self.url}/health/readiness", "hypha.log")
-            await self._wait_worker()
+            if self.wait_for_worker:
+                await self._wait_worker()
         except BaseException:
             await self.stop()
             raise
