@@ -17,8 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from hypha_conda_plugin import channel as channel_mod
-from hypha_conda_plugin.channel import ChannelBuildError, ChannelBuildResult, build_channel
+from hypha_conda_plugin.channel import (
+    ChannelBuildError,
+    ChannelBuildResult,
+    build_channel,
+    dependencies,
+    pypi,
+    wheel_package,
+)
+from hypha_conda_plugin.channel import build as channel_build
 
 # py-rattler 0.28 may crash while the interpreter exits, so the child leaves with
 # os._exit(0) once its output is flushed.
@@ -119,7 +126,7 @@ def test_channel_layout(offline_channel: ChannelBuildResult) -> None:
     root = offline_channel.root
     assert root.is_absolute()
     assert offline_channel.alias_url == root.as_uri() + "/"
-    subdir = channel_mod._current_subdir()
+    subdir = channel_build._current_subdir()
     for d in (subdir, "noarch"):
         repodata = json.loads((root / "conda-forge" / d / "repodata.json").read_text())
         assert repodata["info"]["subdir"] == d
@@ -180,7 +187,9 @@ def test_same_inputs_are_reused_without_pip(
     def no_pip(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("pip must not run when the inputs are unchanged")
 
-    monkeypatch.setattr(channel_mod, "_download_wheels", no_pip)
+    # Patched where the build looks it up, and at its source.
+    monkeypatch.setattr(channel_build, "download_wheels", no_pip)
+    monkeypatch.setattr(pypi, "download_wheels", no_pip)
     lines: list[str] = []
     started = time.monotonic()
     again = build_channel(offline_channel.root, ["pandas", "numpy"], log=lines.append)
@@ -232,16 +241,16 @@ def test_interrupted_build_is_not_reused(
     shutil.copytree(
         offline_channel.root, copy, copy_function=os.link, ignore=shutil.ignore_patterns("lock")
     )
-    inputs = channel_mod._inputs(
-        channel_mod._parse_requirements([*channel_mod.BASE_REQUIREMENTS, "numpy", "pandas"]),
-        channel_mod._current_subdir(),
+    inputs = channel_build._inputs(
+        pypi.parse_requirements([*channel_build.BASE_REQUIREMENTS, "numpy", "pandas"]),
+        channel_build._current_subdir(),
     )
-    assert channel_mod._reusable_packages(copy, inputs) is not None
+    assert channel_build._reusable_packages(copy, inputs) is not None
     victim = next((copy / "conda-forge").glob("noarch/*.conda"))
     victim.unlink()
-    assert channel_mod._reusable_packages(copy, inputs) is None
+    assert channel_build._reusable_packages(copy, inputs) is None
     (copy / ".channel-inputs.json").unlink()
-    assert channel_mod._reusable_packages(copy, inputs) is None
+    assert channel_build._reusable_packages(copy, inputs) is None
 
 
 def test_missing_requirement_is_named(tmp_path: Path) -> None:
@@ -271,13 +280,13 @@ def test_invalid_requirement_fails_before_any_download(tmp_path: Path) -> None:
 def test_version_constraints_translate_or_drop(pep440: str, conda: str) -> None:
     from packaging.specifiers import SpecifierSet
 
-    got = channel_mod._conda_spec(SpecifierSet(pep440))
+    got = dependencies._conda_spec(SpecifierSet(pep440))
     assert sorted(got.split(",")) == sorted(conda.split(","))
 
 
 def test_names_are_conda_style() -> None:
-    assert channel_mod._conda_name("Typing_Extensions") == "typing-extensions"
-    assert channel_mod._conda_name("zope.interface") == "zope-interface"
+    assert pypi.conda_name("Typing_Extensions") == "typing-extensions"
+    assert pypi.conda_name("zope.interface") == "zope-interface"
 
 
 def make_wheel(path: Path, name: str, tag: str) -> Path:
@@ -306,11 +315,11 @@ def test_wheel_layout(tmp_path: Path, pure: bool) -> None:
     import zipfile
 
     tag = "py3-none-any" if pure else "cp311-cp311-manylinux_2_17_x86_64"
-    wheel = channel_mod._read_wheel(make_wheel(tmp_path, "demo_pkg", tag))
+    wheel = pypi.read_wheel(make_wheel(tmp_path, "demo_pkg", tag))
     assert wheel.name == "demo-pkg"
     assert wheel.pure is pure
     with zipfile.ZipFile(wheel.path) as zf:
-        files, entry_points = channel_mod._wheel_files(zf, wheel)
+        files, entry_points = wheel_package._wheel_files(zf, wheel)
     by_path = {f.path: f for f in files}
     major, minor = sys.version_info[:2]
     site = "site-packages" if pure else f"lib/python{major}.{minor}/site-packages"
@@ -321,6 +330,6 @@ def test_wheel_layout(tmp_path: Path, pure: bool) -> None:
     assert not any(p.endswith(".h") for p in by_path)
     assert by_path[f"{site}/demo_pkg-1.0.dist-info/INSTALLER"].data == b"conda\n"
     script = by_path[f"{scripts}/demo_pkg-tool"]
-    assert script.data.startswith(f"#!{channel_mod.PLACEHOLDER}/bin/python\n".encode())
-    assert script.placeholder == channel_mod.PLACEHOLDER and script.mode == 0o755
+    assert script.data.startswith(f"#!{wheel_package.PLACEHOLDER}/bin/python\n".encode())
+    assert script.placeholder == wheel_package.PLACEHOLDER and script.mode == 0o755
     assert entry_points == ["demo_pkg-cli = demo_pkg:main"]
