@@ -126,3 +126,30 @@ async def _read_until(process: asyncio.subprocess.Process, marker: str) -> str:
             raise AssertionError(f"worker exited before '{marker}':\n{seen}")
         seen += line.decode()
     return seen
+
+
+def test_channel_build_prints_the_alias_and_reuses_a_built_channel(offline_channel):
+    from tests.conftest import CACHE, CHANNEL_REQUIREMENTS
+
+    done = subprocess.run(
+        [*CLI, "channel", "build", str(CACHE / "offline-channel"), *CHANNEL_REQUIREMENTS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env_without_hypha(),
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"export CONDA_CHANNEL_ALIAS={offline_channel.alias_url}" in done.stdout
+    assert f"({len(offline_channel.packages)} packages)" in done.stdout
+
+
+def test_channel_build_names_a_requirement_that_does_not_exist(tmp_path):
+    done = subprocess.run(
+        [*CLI, "channel", "build", str(tmp_path / "ch"), "no-such-dist-hcp-xyz"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env_without_hypha(),
+    )
+    assert done.returncode == 1
+    assert "no-such-dist-hcp-xyz" in done.stderr
