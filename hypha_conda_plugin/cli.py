@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import signal
 import sys
@@ -85,6 +86,15 @@ def _channel_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # One line per HTTP request drowns what matters unless debugging.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     command = args[0] if args and args[0] in ("serve", "channel", "worker") else "worker"
@@ -101,10 +111,7 @@ def _run_worker(argv: list[str]) -> int:
         settings = Settings.from_cli(vars(options))
     except SettingsError as error:
         parser.error(str(error))
-    logging.basicConfig(
-        level=logging.DEBUG if settings.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(settings.verbose)
     return asyncio.run(_serve_worker(settings))
 
 
@@ -152,14 +159,21 @@ def _stop_on_signals() -> asyncio.Event:
 
 def _run_serve(argv: list[str]) -> int:
     options = _serve_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    _configure_logging(verbose=False)
     return asyncio.run(_serve_local(options))
 
 
 async def _serve_local(options: argparse.Namespace) -> int:
     from hypha_conda_plugin.local_server import LocalServer
 
-    server = LocalServer(Path(options.data_dir), port=options.port, s3=not options.no_s3)
+    s3 = not options.no_s3
+    if s3 and importlib.util.find_spec("moto") is None:
+        print(
+            "moto is not installed: starting without the artifact manager "
+            "(pip install 'moto[server]' to have it)."
+        )
+        s3 = False
+    server = LocalServer(Path(options.data_dir), port=options.port, s3=s3)
     stop = _stop_on_signals()
     async with server:
         print(f"Hypha server with the conda worker at {server.url}")
