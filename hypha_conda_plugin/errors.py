@@ -37,3 +37,7 @@ class AppFileError(CondaWorkerError):
 
 class WorkspaceNotAuthorizedError(CondaWorkerError):
     """The caller's workspace may not use this worker."""
+
+
+class StagingError(CondaWorkerError):
+    """A files_to_stage file or folder could not be copied into the session folder."""

@@ -34,6 +34,7 @@ from hypha_conda_plugin.errors import (
 from hypha_conda_plugin.kernel import Kernel
 from hypha_conda_plugin.sessions import LOG_TYPES, Session, SessionManager, SessionState
 from hypha_conda_plugin.settings import SUPPORTED_APP_TYPE, Settings
+from hypha_conda_plugin.staging import parse_stage_rules, stage_files
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,13 @@ class CondaWorker:
         spec = EnvSpec.from_manifest(
             manifest, default_channels=self.settings.default_channels, for_app=names_app
         )
+        stage_rules = parse_stage_rules(manifest.get("files_to_stage"))
+        if stage_rules and not names_app:
+            raise ManifestError(
+                "files_to_stage needs an app's files, but this start names no app "
+                "(app_id, artifact_id or app_files_base_url). Install the app and start it "
+                "through the app controller, or remove files_to_stage from the manifest."
+            )
         session = self.sessions.create(workspace, session_id, config.get("app_id"))
         session.start_task = asyncio.current_task()
         callback = config.get("progress_callback")
@@ -150,6 +158,15 @@ class CondaWorker:
             session.env = await self.envs.acquire(spec, progress)
             await asyncio.to_thread(session.workdir.mkdir, parents=True, exist_ok=True)
             await asyncio.to_thread(session.runtime_dir.mkdir, parents=True, exist_ok=True)
+            if stage_rules:
+                await stage_files(
+                    stage_rules,
+                    dest=session.workdir,
+                    files_base_url=config.get("app_files_base_url") or self._files_url(config),
+                    token=config.get("token"),
+                    progress=progress,
+                    verify_ssl=not config.get("disable_ssl"),
+                )
             entry_code = await self._entry_point(config, manifest, names_app, progress, session)
             await progress({"type": "info", "stage": "kernel", "message": "Starting kernel"})
             session.kernel = Kernel(
@@ -284,6 +301,7 @@ class CondaWorker:
     ) -> tuple[dict, list]:
         """Validate a manifest when an app is installed, so errors surface early."""
         EnvSpec.from_manifest(manifest, default_channels=self.settings.default_channels)
+        parse_stage_rules(manifest.get("files_to_stage"))
         manifest = dict(manifest)
         manifest.setdefault("entry_point", "main.py")
         return manifest, files
