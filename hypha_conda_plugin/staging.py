@@ -25,11 +25,12 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import quote
 
 import httpx
 
-from hypha_conda_plugin.errors import ManifestError, StagingError
+from hypha_conda_plugin.app_files import AppFiles
+from hypha_conda_plugin.errors import StagingError
+from hypha_conda_plugin.stage_rules import StageRule
 
 ProgressCallback = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -49,17 +50,6 @@ _FIX_HINT = "add it to the app's files or remove it from files_to_stage"
 
 
 @dataclass(frozen=True)
-class StageRule:
-    """One ``files_to_stage`` entry: copy ``source`` (in the app's files) to ``target``
-    (relative to the session folder). Both are plain relative paths without a trailing
-    slash; ``is_dir`` says whether they name folders (copied recursively)."""
-
-    source: str
-    target: str
-    is_dir: bool
-
-
-@dataclass(frozen=True)
 class StagingReport:
     """What staging did, for progress messages, logs and benchmarks."""
 
@@ -74,101 +64,13 @@ class _Download:
     target: str  # path relative to the session folder
 
 
-# ----------------------------------------------------------------------------- parsing
-def parse_stage_rules(raw: object) -> list[StageRule]:
-    """Validate a manifest's ``files_to_stage`` and return its rules.
-
-    Runs before any environment is built, so a typo costs a second, not a build. Accepts
-    exactly ``"data.csv"``, ``"models/"``, ``"source.txt:renamed.txt"`` and
-    ``"raw_data/:processed_data/"``; anything else raises :class:`ManifestError` naming
-    the entry and how to write it. ``None`` (the field is absent) means no rules.
-    """
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        raise ManifestError(
-            f"files_to_stage must be a list of strings, got {type(raw).__name__}; "
-            'write it like ["data.csv", "models/", "source.txt:renamed.txt"].'
-        )
-    return [_parse_rule(entry) for entry in raw]
-
-
-def _parse_rule(entry: object) -> StageRule:
-    if not isinstance(entry, str):
-        raise ManifestError(
-            f"files_to_stage entries must be strings, got {type(entry).__name__} {entry!r}; "
-            'write a file as "data.csv" or a folder as "models/".'
-        )
-    if not entry.strip():
-        raise ManifestError(
-            "files_to_stage has an empty entry; remove it or name a file of the app."
-        )
-    if "\0" in entry:
-        raise ManifestError(f"files_to_stage entry {entry!r} contains a NUL character.")
-    if "\\" in entry:
-        raise ManifestError(
-            f"files_to_stage entry {entry!r} contains a backslash; "
-            "separate folders with '/' (e.g. 'models/weights.bin')."
-        )
-    if entry.count(":") > 1:
-        raise ManifestError(
-            f"files_to_stage entry {entry!r} has more than one ':'; use 'source:target' "
-            "with a single ':' to rename, or no ':' to keep the name."
-        )
-    source, _, target = entry.partition(":")
-    if ":" in entry and (not source or not target):
-        raise ManifestError(
-            f"files_to_stage entry {entry!r} renames but one side of ':' is empty; "
-            "write it as 'source.txt:target.txt' or 'source/:target/'."
-        )
-    target = target or source
-    is_dir = source.endswith("/")
-    if target.endswith("/") != is_dir:
-        kind = ("folder", "file") if is_dir else ("file", "folder")
-        raise ManifestError(
-            f"files_to_stage entry {entry!r} renames a {kind[0]} to a {kind[1]}; end both "
-            "sides with '/' for a folder ('raw/:processed/') or neither for a file "
-            "('a.txt:b.txt')."
-        )
-    return StageRule(
-        source=_relative_path(source, entry, "source"),
-        target=_relative_path(target, entry, "target"),
-        is_dir=is_dir,
-    )
-
-
-def _relative_path(path: str, entry: str, side: str) -> str:
-    """A plain relative POSIX path (one trailing '/' allowed for folders) or an error."""
-    if path.startswith("/"):
-        raise ManifestError(
-            f"files_to_stage entry {entry!r}: the {side} '{path}' is absolute; paths are "
-            "relative to the app's files (source) and the session folder (target), so "
-            "drop the leading '/'."
-        )
-    body = path[:-1] if path.endswith("/") else path
-    segments = body.split("/")
-    if ".." in segments:
-        raise ManifestError(
-            f"files_to_stage entry {entry!r}: '..' is not allowed in the {side}; "
-            "staged files stay inside the session folder."
-        )
-    if any(segment in ("", ".") for segment in segments):
-        raise ManifestError(
-            f"files_to_stage entry {entry!r}: the {side} '{path}' has an empty or '.' "
-            "part; write a plain relative path such as 'data/train.csv' or 'models/'."
-        )
-    return body
-
-
 # ----------------------------------------------------------------------------- staging
 async def stage_files(
     rules: Iterable[StageRule],
     *,
     dest: Path,
-    files_base_url: str,
-    token: str | None,
+    files: AppFiles,
     progress: ProgressCallback,
-    verify_ssl: bool = True,
     concurrency: int = DEFAULT_CONCURRENCY,
 ) -> StagingReport:
     """Download the rules' files and folders into ``dest`` (an existing session folder).
@@ -181,18 +83,12 @@ async def stage_files(
     rules = list(rules)
     started = time.monotonic()
     root = await asyncio.to_thread(_resolved_dir, dest)
-    base = files_base_url.rstrip("/")
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    timeout = httpx.Timeout(60.0, connect=20.0)
-    limits = httpx.Limits(max_connections=max(1, concurrency) + 1)
-    async with httpx.AsyncClient(
-        headers=headers, timeout=timeout, limits=limits, follow_redirects=True, verify=verify_ssl
-    ) as client:
+    async with files.client(max_connections=max(1, concurrency) + 1) as client:
         downloads: list[_Download] = []
         for rule in rules:
             if rule.is_dir:
                 await progress(_message(f"Listing folder {rule.source}/ of the app's files", 0.0))
-                found = await _list_folder(client, base, rule.source, rule.target)
+                found = await _list_folder(client, files, rule.source, rule.target)
                 if not found:
                     raise StagingError(
                         f"The folder '{rule.source}/' in files_to_stage has no files; {_FIX_HINT}."
@@ -212,7 +108,7 @@ async def stage_files(
 
         async def fetch(download: _Download, target: Path) -> int:
             async with semaphore:
-                size = await _download(client, base, download, root, target)
+                size = await _download(client, files, download, root, target)
             await counter.done(download.target, size)
             return size
 
@@ -230,7 +126,7 @@ async def stage_files(
 
 
 async def _list_folder(
-    client: httpx.AsyncClient, base: str, source: str, target: str, depth: int = 0
+    client: httpx.AsyncClient, files: AppFiles, source: str, target: str, depth: int = 0
 ) -> list[_Download]:
     """Every file under ``source`` (recursively), paired with where it goes."""
     if depth > MAX_DEPTH:
@@ -239,7 +135,7 @@ async def _list_folder(
             "stage it. Flatten it or stage a smaller subfolder."
         )
     downloads: list[_Download] = []
-    for item in await _listing(client, base, source, first_level=depth == 0):
+    for item in await _listing(client, files, source, first_level=depth == 0):
         name = item.get("name") if isinstance(item, dict) else None
         if not _safe_name(name):
             raise StagingError(
@@ -249,7 +145,7 @@ async def _list_folder(
             )
         if item.get("type") == "directory":
             downloads.extend(
-                await _list_folder(client, base, f"{source}/{name}", f"{target}/{name}", depth + 1)
+                await _list_folder(client, files, f"{source}/{name}", f"{target}/{name}", depth + 1)
             )
         else:
             downloads.append(_Download(f"{source}/{name}", f"{target}/{name}"))
@@ -257,16 +153,16 @@ async def _list_folder(
 
 
 async def _listing(
-    client: httpx.AsyncClient, base: str, source: str, *, first_level: bool
+    client: httpx.AsyncClient, files: AppFiles, source: str, *, first_level: bool
 ) -> list[Any]:
     """All items of one folder, page by page (the server returns at most ``limit``)."""
     items: list[Any] = []
-    url = f"{base}/{quote(source)}/"
+    url = files.url(source, folder=True)
     while True:
         try:
             response = await client.get(
                 url,
-                params={"use_proxy": "true", "limit": LISTING_PAGE, "offset": len(items)},
+                params={"limit": LISTING_PAGE, "offset": len(items)},
             )
         except httpx.HTTPError as error:
             raise StagingError(
@@ -300,10 +196,10 @@ async def _listing(
 
 
 async def _download(
-    client: httpx.AsyncClient, base: str, download: _Download, root: Path, target: Path
+    client: httpx.AsyncClient, files: AppFiles, download: _Download, root: Path, target: Path
 ) -> int:
     """Stream one file to a temporary name beside ``target``, then rename it into place."""
-    url = f"{base}/{quote(download.source)}"
+    url = files.url(download.source)
     parent = target.parent
     await asyncio.to_thread(parent.mkdir, parents=True, exist_ok=True)
     # mkdir may have walked through something planted meanwhile; check again, resolved.
@@ -312,7 +208,7 @@ async def _download(
     size = 0
     handle = None
     try:
-        async with client.stream("GET", url, params={"use_proxy": "true"}) as response:
+        async with client.stream("GET", url) as response:
             if response.status_code == 404:
                 raise StagingError(
                     f"'{download.source}' in files_to_stage is not among the app's files; "

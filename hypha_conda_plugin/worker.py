@@ -16,9 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from hypha_conda_plugin import __version__
+from hypha_conda_plugin.app_files import AppFiles
 from hypha_conda_plugin.callbacks import notify
 from hypha_conda_plugin.childenv import clean_env
 from hypha_conda_plugin.envs.builders import RattlerBuilder
@@ -34,7 +33,8 @@ from hypha_conda_plugin.errors import (
 from hypha_conda_plugin.kernel import Kernel
 from hypha_conda_plugin.sessions import LOG_TYPES, Session, SessionManager, SessionState
 from hypha_conda_plugin.settings import SUPPORTED_APP_TYPE, Settings
-from hypha_conda_plugin.staging import parse_stage_rules, stage_files
+from hypha_conda_plugin.stage_rules import parse_stage_rules
+from hypha_conda_plugin.staging import stage_files
 
 logger = logging.getLogger(__name__)
 
@@ -132,12 +132,12 @@ class CondaWorker:
             )
         session_id = _session_id(config.get("id"))
         workspace = self._owner(caller, config)
-        names_app = any(config.get(k) for k in ("app_id", "artifact_id", "app_files_base_url"))
+        app_files = AppFiles.for_start(config, self.server_url)
         spec = EnvSpec.from_manifest(
-            manifest, default_channels=self.settings.default_channels, for_app=names_app
+            manifest, default_channels=self.settings.default_channels, for_app=app_files is not None
         )
         stage_rules = parse_stage_rules(manifest.get("files_to_stage"))
-        if stage_rules and not names_app:
+        if stage_rules and app_files is None:
             raise ManifestError(
                 "files_to_stage needs an app's files, but this start names no app "
                 "(app_id, artifact_id or app_files_base_url). Install the app and start it "
@@ -160,14 +160,9 @@ class CondaWorker:
             await asyncio.to_thread(session.runtime_dir.mkdir, parents=True, exist_ok=True)
             if stage_rules:
                 await stage_files(
-                    stage_rules,
-                    dest=session.workdir,
-                    files_base_url=config.get("app_files_base_url") or self._files_url(config),
-                    token=config.get("token"),
-                    progress=progress,
-                    verify_ssl=not config.get("disable_ssl"),
+                    stage_rules, dest=session.workdir, files=app_files, progress=progress
                 )
-            entry_code = await self._entry_point(config, manifest, names_app, progress, session)
+            entry_code = await self._entry_point(config, manifest, app_files, progress, session)
             await progress({"type": "info", "stage": "kernel", "message": "Starting kernel"})
             session.kernel = Kernel(
                 session.env.python,
@@ -369,7 +364,7 @@ class CondaWorker:
         self,
         config: Mapping[str, Any],
         manifest: Mapping[str, Any],
-        names_app: bool,
+        app_files: AppFiles | None,
         progress: Callable,
         session: Session,
     ) -> str | None:
@@ -377,7 +372,7 @@ class CondaWorker:
         entry_point = config.get("entry_point") or manifest.get("entry_point")
         if not entry_point:
             return None
-        if not names_app:
+        if app_files is None:
             message = (
                 f"Ignoring entry_point '{entry_point}': this start names no app "
                 "(app_id, artifact_id or app_files_base_url), so there are no files "
@@ -386,9 +381,6 @@ class CondaWorker:
             session.log.add("info", message)
             await progress({"type": "warning", "stage": "entry_point", "message": message})
             return None
-        base = config.get("app_files_base_url") or self._files_url(config)
-        url = f"{base.rstrip('/')}/{str(entry_point).lstrip('/')}"
-        headers = {"Authorization": f"Bearer {config['token']}"} if config.get("token") else {}
         await progress(
             {
                 "type": "info",
@@ -396,24 +388,7 @@ class CondaWorker:
                 "message": f"Reading entry point {entry_point}",
             }
         )
-        try:
-            async with httpx.AsyncClient(
-                follow_redirects=True, timeout=60, verify=not config.get("disable_ssl")
-            ) as client:
-                response = await client.get(url, headers=headers, params={"use_proxy": "true"})
-                response.raise_for_status()
-        except httpx.HTTPError as error:
-            raise AppFileError(
-                f"Could not read the app's entry point '{entry_point}' from {url}: {error}. "
-                "Check that the file is part of the app and the manifest names it."
-            ) from error
-        return response.text
-
-    def _files_url(self, config: Mapping[str, Any]) -> str:
-        server = config.get("server_url") or self.server_url
-        artifact = config.get("artifact_id") or f"{config.get('workspace')}/{config.get('app_id')}"
-        workspace, _, alias = str(artifact).rpartition("/")
-        return f"{server}/{workspace}/artifacts/{alias}/files"
+        return await app_files.read_text(str(entry_point))
 
     async def _run_entry_point(
         self,

@@ -17,8 +17,10 @@ import pytest
 from aiohttp import web
 
 from hypha_conda_plugin import staging
+from hypha_conda_plugin.app_files import AppFiles
 from hypha_conda_plugin.errors import CondaWorkerError, ManifestError, StagingError
-from hypha_conda_plugin.staging import StageRule, parse_stage_rules, stage_files
+from hypha_conda_plugin.stage_rules import StageRule, parse_stage_rules
+from hypha_conda_plugin.staging import stage_files
 
 # ----------------------------------------------------------------------------- parsing
 
@@ -159,8 +161,7 @@ async def test_hostile_listing_cannot_write_outside_the_session_folder(
         await stage_files(
             [StageRule(folder, folder, is_dir=True)],
             dest=dest,
-            files_base_url=files_server["base"],
-            token=None,
+            files=AppFiles(files_server["base"], token=None),
             progress=_quiet,
         )
     assert _tree(outer) == {"session"}
@@ -181,8 +182,7 @@ async def test_a_symlink_in_the_session_folder_is_not_followed(
         await stage_files(
             [StageRule("plain", "link", is_dir=True)],
             dest=dest,
-            files_base_url=files_server["base"],
-            token=None,
+            files=AppFiles(files_server["base"], token=None),
             progress=_quiet,
         )
     assert list(outside.iterdir()) == []
@@ -200,8 +200,7 @@ async def test_stage_files_streams_files_sends_the_token_and_reports_progress(
     report = await stage_files(
         parse_stage_rules(["data.csv:in/table.csv", "big.bin", "paged/:pages/"]),
         dest=tmp_path,
-        files_base_url=files_server["base"] + "/",
-        token="secret-token",
+        files=AppFiles(files_server["base"] + "/", token="secret-token"),
         progress=progress,
     )
     assert (tmp_path / "in" / "table.csv").read_bytes() == HOSTILE_FILES["data.csv"]
@@ -224,16 +223,14 @@ async def test_missing_file_names_it(files_server: dict, tmp_path: Path) -> None
         await stage_files(
             parse_stage_rules(["nope.csv"]),
             dest=tmp_path,
-            files_base_url=files_server["base"],
-            token=None,
+            files=AppFiles(files_server["base"], token=None),
             progress=_quiet,
         )
     with pytest.raises(StagingError, match=r"'nothere/'.*add it to the app's files"):
         await stage_files(
             parse_stage_rules(["nothere/"]),
             dest=tmp_path,
-            files_base_url=files_server["base"],
-            token=None,
+            files=AppFiles(files_server["base"], token=None),
             progress=_quiet,
         )
     assert _tree(tmp_path) == set()

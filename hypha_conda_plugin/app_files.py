@@ -1,0 +1,83 @@
+"""Reading an app's files from the Hypha server (entry point, ``files_to_stage``).
+
+An app started by Hypha's app controller keeps its files in the artifact manager,
+served over HTTP under ``{server}/{workspace}/artifacts/{alias}/files/``. Everything
+that reads them goes through ``AppFiles`` so the URL rules, the token and the TLS choice
+are worked out in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from hypha_conda_plugin.errors import AppFileError
+
+#: Connect quickly or fail; a big file may take a while to arrive.
+TIMEOUT = httpx.Timeout(60.0, connect=20.0)
+#: Serve files through Hypha itself rather than redirect to presigned S3 URLs, which a
+#: worker on another machine may not be able to reach.
+PROXY_PARAMS = {"use_proxy": "true"}
+
+APP_KEYS = ("app_id", "artifact_id", "app_files_base_url")
+
+
+@dataclass(frozen=True)
+class AppFiles:
+    """Where one app's files are and the credentials to read them."""
+
+    base_url: str
+    token: str | None = None
+    verify_ssl: bool = True
+
+    @classmethod
+    def for_start(cls, config: Mapping[str, Any], server_url: str | None) -> AppFiles | None:
+        """The files of the app a ``start`` config names, or None for a bare session."""
+        if not any(config.get(key) for key in APP_KEYS):
+            return None
+        base = config.get("app_files_base_url")
+        if not base:
+            server = config.get("server_url") or server_url
+            artifact = config.get("artifact_id") or (
+                f"{config.get('workspace')}/{config.get('app_id')}"
+            )
+            workspace, _, alias = str(artifact).rpartition("/")
+            base = f"{server}/{workspace}/artifacts/{alias}/files"
+        return cls(
+            base_url=str(base),
+            token=config.get("token") or None,
+            verify_ssl=not config.get("disable_ssl"),
+        )
+
+    def url(self, path: str, *, folder: bool = False) -> str:
+        """URL of a file, or of a folder's listing (a trailing '/' asks for JSON)."""
+        return f"{self.base_url.rstrip('/')}/{quote(path.strip('/'))}" + ("/" if folder else "")
+
+    def client(self, max_connections: int = 4) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return httpx.AsyncClient(
+            headers=headers,
+            timeout=TIMEOUT,
+            limits=httpx.Limits(max_connections=max_connections),
+            follow_redirects=True,
+            verify=self.verify_ssl,
+            params=PROXY_PARAMS,
+        )
+
+    async def read_text(self, path: str) -> str:
+        """A small text file, such as the entry point."""
+        url = self.url(path)
+        try:
+            async with self.client(max_connections=1) as client:
+                response = await client.get(url)
+                response.raise_for_status()
+        except httpx.HTTPError as error:
+            raise AppFileError(
+                f"Could not read the app's file '{path}' from {url}: {error}. Check that "
+                "the file is part of the app and the manifest names it correctly."
+            ) from error
+        return response.text
