@@ -33,15 +33,21 @@ PASSTHROUGH = (
     "REQUESTS_CA_BUNDLE",
 )
 PASSTHROUGH_PREFIXES = ("LC_",)
-# Site-wide pip mirror settings an administrator sets for air-gapped machines; only the
-# pip install step of a build sees them.
+# Where and how patiently pip fetches: the mirror settings an administrator sets for
+# air-gapped machines. Only pip steps (a build's pip item, the channel builder) see them.
 PIP_MIRROR = (
     "PIP_INDEX_URL",
     "PIP_EXTRA_INDEX_URL",
+    "PIP_NO_INDEX",
     "PIP_FIND_LINKS",
     "PIP_TRUSTED_HOST",
     "PIP_CERT",
-    "PIP_NO_INDEX",
+    "PIP_CLIENT_CERT",
+    "PIP_PROXY",
+    "PIP_CONFIG_FILE",
+    "PIP_DEFAULT_TIMEOUT",
+    "PIP_TIMEOUT",
+    "PIP_RETRIES",
 )
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import email.parser
 import hashlib
-import os
 import platform as _platform
 import re
 import subprocess
@@ -25,27 +24,12 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from hypha_conda_plugin.channel.errors import ChannelBuildError
+from hypha_conda_plugin.childenv import clean_env
 
 # pip settings that say *where* and *how patiently* to fetch packages are kept (mirrors
 # and find-links dirs at air-gapped sites); everything else under PIP_* (PIP_USER,
 # PIP_TARGET, PIP_REQUIRE_VIRTUALENV, PIP_ONLY_BINARY, ...) changes what pip does in ways
 # the build cannot expect.
-_PIP_LOCATION_VARS = frozenset(
-    {
-        "PIP_INDEX_URL",
-        "PIP_EXTRA_INDEX_URL",
-        "PIP_NO_INDEX",
-        "PIP_FIND_LINKS",
-        "PIP_TRUSTED_HOST",
-        "PIP_CERT",
-        "PIP_CLIENT_CERT",
-        "PIP_PROXY",
-        "PIP_CONFIG_FILE",
-        "PIP_DEFAULT_TIMEOUT",
-        "PIP_TIMEOUT",
-        "PIP_RETRIES",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -74,19 +58,6 @@ def parse_requirements(requirements: Iterable[str]) -> list[str]:
     return list(seen)
 
 
-def _clean_env() -> dict[str, str]:
-    """Environment for child Pythons without host settings that would leak in."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
-        and (not k.startswith("PIP_") or k in _PIP_LOCATION_VARS)
-    }
-    env["PYTHONNOUSERSITE"] = "1"
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    return env
-
-
 def download_wheels(requirements: Sequence[str], dest: Path) -> list[Path]:
     """Fetch the binary-only closure of ``requirements`` with pip (one version each)."""
     cmd = [
@@ -102,7 +73,13 @@ def download_wheels(requirements: Sequence[str], dest: Path) -> list[Path]:
         str(dest),
         *requirements,
     ]
-    proc = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        cmd,
+        env=clean_env(pip_mirror=True, extra={"PIP_DISABLE_PIP_VERSION_CHECK": "1"}),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         raise ChannelBuildError(_explain_pip_failure(proc.stdout + proc.stderr))
     wheels = sorted(dest.glob("*.whl"))
