@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import re
 import time
 from collections import deque
@@ -150,7 +151,9 @@ class SessionManager:
         return [s for (ws, _), s in self._sessions.items() if workspace in (None, ws)]
 
     def _inside(self, path: Path) -> Path:
-        resolved = path.resolve()
+        # Pure path arithmetic (no file system access on the event loop): the names come
+        # from safe_name and the root is already resolved, so there are no links to follow.
+        resolved = Path(os.path.normpath(path))
         if not resolved.is_relative_to(self.working_dir):
             raise ValueError(f"Session folder {resolved} would lie outside {self.working_dir}")
         return resolved
