@@ -28,6 +28,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tables import print_table  # noqa: E402
 
 from hypha_conda_plugin.channel import build_channel  # noqa: E402
 from hypha_conda_plugin.settings import Settings  # noqa: E402
@@ -201,13 +204,8 @@ async def loop_rows(alias: str) -> list[tuple]:
     return rows
 
 
-def print_table(title: str, rows: list[tuple]) -> None:
-    print(f"\n{title}")
-    print(f"| {'measurement':<52} | {'median':>10} | {'ratio':>7} |")
-    print(f"|{'-' * 54}|{'-' * 12}|{'-' * 9}|")
-    for label, seconds, ratio in rows:
-        ratio_text = f"{ratio:.2f}x" if ratio is not None else ""
-        print(f"| {label:<52} | {seconds * 1000:>8.1f}ms | {ratio_text:>7} |")
+def print_table_ms(title: str, rows: list[tuple]) -> None:
+    print_table(title, [(label, seconds * 1000, ratio) for label, seconds, ratio in rows], "ms")
 
 
 async def main() -> None:
@@ -234,12 +232,12 @@ async def main() -> None:
             check=True,
         )
     print(f"{args.runs} runs; python {sys.version.split()[0]}; channel {channel.root}")
-    print_table(
+    print_table_ms(
         "Environment (python, numpy, pandas, ipykernel)",
         await environment_rows(channel.alias_url, args.runs, wheels),
     )
-    print_table("Kernel", await kernel_rows(channel.alias_url, args.runs, args.executes))
-    print_table("Event loop (10 ms ticker)", await loop_rows(channel.alias_url))
+    print_table_ms("Kernel", await kernel_rows(channel.alias_url, args.runs, args.executes))
+    print_table_ms("Event loop (10 ms ticker)", await loop_rows(channel.alias_url))
 
 
 if __name__ == "__main__":
