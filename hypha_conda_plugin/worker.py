@@ -215,7 +215,7 @@ class CondaWorker:
         if not isinstance(script, str):
             raise CondaWorkerError("execute() needs the code as a string in 'script'.")
         kernel = self._live_kernel(session)
-        timeout = (config or {}).get("timeout", self.settings.default_execute_timeout)
+        timeout = _execute_timeout(config, self.settings.default_execute_timeout)
         await notify(
             progress_callback, {"type": "info", "stage": "execute", "message": "Executing code"}
         )
@@ -228,9 +228,7 @@ class CondaWorker:
         session.running += 1
         session.state = SessionState.BUSY
         try:
-            result = await kernel.execute(
-                script, timeout=float(timeout) if timeout else None, output_callback=on_output
-            )
+            result = await kernel.execute(script, timeout=timeout, output_callback=on_output)
         finally:
             session.running -= 1
             if session.state == SessionState.BUSY and session.running == 0:
@@ -438,6 +436,18 @@ def _session_id(raw: object) -> str:
             f"config['id'] must be a string of at most {MAX_SESSION_ID_LENGTH} characters."
         )
     return raw
+
+
+def _execute_timeout(config: Mapping[str, Any] | None, default: float | None) -> float | None:
+    raw = (config or {}).get("timeout", default)
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw <= 0:
+        raise CondaWorkerError(
+            f"config['timeout'] must be a positive number of seconds, got {raw!r}; "
+            "leave it out to let the cell run until it finishes."
+        )
+    return float(raw)
 
 
 def _platform() -> str:
