@@ -120,7 +120,7 @@ class LocalServer:
                     os.killpg(process.pid, signal.SIGTERM)
                 try:
                     await asyncio.wait_for(process.wait(), 15)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # the builtin only from Python 3.11
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(process.pid, signal.SIGKILL)
                     await process.wait()

@@ -109,7 +109,7 @@ class RattlerBuilder:
             process.stdin.close()
             outcome = await asyncio.wait_for(self._follow(process, progress), self.timeout)
             await process.wait()
-        except TimeoutError as error:
+        except asyncio.TimeoutError as error:  # the builtin only from Python 3.11
             raise EnvironmentBuildError(
                 f"Building the environment took longer than {self.timeout:.0f} s and was "
                 "stopped. Pin versions to make the solve smaller, or raise "
@@ -196,7 +196,7 @@ async def install_pip_packages(
     try:
         await asyncio.wait_for(_drain(process.stdout, tail), timeout)
         code = await process.wait()
-    except TimeoutError as error:
+    except asyncio.TimeoutError as error:  # the builtin only from Python 3.11
         raise EnvironmentBuildError(
             f"pip install took longer than {timeout:.0f} s and was stopped."
         ) from error
