@@ -336,11 +336,18 @@ class Kernel:
             process = self._process()
             returncode = process.returncode if process is not None else None
             reason = f"the kernel process exited ({_describe_exit(returncode)})"
-        tail = await asyncio.to_thread(_read_log_tail, self._actual_log_path, self._log_offset)
+        tail = await self.log_tail()
         message = f"The kernel ({self._python}) did not start: {reason}."
         if tail:
             message += f"\nLast lines of the kernel's output:\n{tail}"
         return message
+
+    async def log_tail(self) -> str:
+        """The last lines the kernel process itself wrote (not a cell's outputs): what a
+        user needs when a kernel misbehaves, e.g. an entry point that hangs at start."""
+        if self._private_dir is None:
+            return ""
+        return await asyncio.to_thread(_read_log_tail, self._actual_log_path, self._log_offset)
 
     # --------------------------------------------------------------- execution
 

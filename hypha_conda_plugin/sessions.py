@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from hypha_conda_plugin.kernel import Kernel
 
 LOG_TYPES = ("stdout", "stderr", "info", "error", "progress")
+#: Failed sessions are kept so their logs can explain the failure; this many at most.
+MAX_FAILED_KEPT = 20
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -125,7 +127,13 @@ class SessionManager:
             app_id=app_id,
         )
         self._sessions[key] = session
+        self._forget_old_failures()
         return session
+
+    def _forget_old_failures(self) -> None:
+        failed = [s for s in self._sessions.values() if s.state == SessionState.FAILED]
+        for session in sorted(failed, key=lambda s: s.created_at)[: -MAX_FAILED_KEPT or None]:
+            self.remove(session)
 
     def get(self, workspace: str, session_id: str) -> Session:
         session = self._sessions.get((workspace, session_id))

@@ -409,6 +409,10 @@ class CondaWorker:
         if result.get("status") != "ok":
             error = result.get("error") or {}
             traceback = "\n".join(error.get("traceback") or [])
+            kernel_log = await session.kernel.log_tail()
+            if kernel_log:
+                session.log.add("stderr", kernel_log)
+                traceback += f"\nLast lines of the kernel's own output:\n{kernel_log}"
             raise AppFileError(
                 f"The entry point '{manifest.get('entry_point')}' raised "
                 f"{error.get('ename')}: {error.get('evalue')}\n{traceback}"

@@ -4,6 +4,8 @@ and the app can connect back to Hypha with the credentials the worker hands it."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 APP_MAIN = """
@@ -71,3 +73,31 @@ async def test_missing_entry_point_file_is_an_error_naming_it(client):
     )
     with pytest.raises(Exception, match=r"does_not_exist\.py"):
         await controller.start(app["id"], wait_for_service=False, stage=True, timeout=120)
+
+
+async def test_entry_point_that_raises_fails_the_start_with_its_error(client, conda_worker):
+    controller = await client.get_service("public/server-apps")
+    app = await controller.install(
+        manifest=_manifest(),
+        files=[
+            {
+                "name": "main.py",
+                "content": "x = 1\nraise RuntimeError('boom in main')\n",
+                "format": "text",
+            }
+        ],
+        app_id="raises",
+        overwrite=True,
+        wait_for_service=False,
+        stage=True,
+    )
+    with pytest.raises(Exception, match="RuntimeError: boom in main"):
+        await controller.start(app["id"], wait_for_service=False, stage=True, timeout=120)
+    # The failed session keeps no kernel and no folder behind.
+    failed = [
+        s
+        for s in await conda_worker.list_sessions()
+        if s["status"] == "failed" and s["app_id"] == "raises"
+    ]
+    assert failed and failed[0]["kernel_pid"] is None
+    assert not Path(failed[0]["working_dir"]).exists()
