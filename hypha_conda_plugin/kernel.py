@@ -315,7 +315,10 @@ class Kernel:
         process = self._process()
         assert process is not None
         client = self._km.client()
-        client.start_channels()
+        # No heartbeat channel: it is a thread per kernel inside the host server, and kernel
+        # death is noticed from the process itself (see _wait_for_exit). It also raced the
+        # teardown of a kernel that died at start (ZMQError in the heartbeat thread).
+        client.start_channels(hb=False)
         self._client = client
         ready = asyncio.create_task(_handshake(client))
         exited = asyncio.create_task(_wait_for_exit(process))
