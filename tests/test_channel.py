@@ -201,14 +201,16 @@ def test_same_inputs_are_reused_without_pip(
     assert lines
 
 
+def linked_copy(channel: Path, copy: Path) -> Path:
+    """A hard-linked copy: a package file the builder rewrites gets a new inode."""
+    shutil.copytree(channel, copy, copy_function=os.link, ignore=shutil.ignore_patterns("lock"))
+    return copy
+
+
 def test_changed_requirements_reuse_converted_packages(
     offline_channel: ChannelBuildResult, tmp_path: Path
 ) -> None:
-    # A hard-linked copy: a package file rewritten by the builder would get a new inode.
-    copy = tmp_path / "channel"
-    shutil.copytree(
-        offline_channel.root, copy, copy_function=os.link, ignore=shutil.ignore_patterns("lock")
-    )
+    copy = linked_copy(offline_channel.root, tmp_path / "channel")
     channel_dir = copy / "conda-forge"
     before = {p.name: p for p in channel_dir.glob("*/*.conda")}
 
@@ -237,10 +239,7 @@ def test_changed_requirements_reuse_converted_packages(
 def test_interrupted_build_is_not_reused(
     offline_channel: ChannelBuildResult, tmp_path: Path
 ) -> None:
-    copy = tmp_path / "channel"
-    shutil.copytree(
-        offline_channel.root, copy, copy_function=os.link, ignore=shutil.ignore_patterns("lock")
-    )
+    copy = linked_copy(offline_channel.root, tmp_path / "channel")
     inputs = channel_build._inputs(
         pypi.parse_requirements([*channel_build.BASE_REQUIREMENTS, "numpy", "pandas"]),
         channel_build._current_subdir(),
