@@ -9,6 +9,7 @@ kernel in it, and returns each cell's outputs in Jupyter's format.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 
@@ -31,6 +32,10 @@ print(f"Mean: {mean_val}")
 print(f"Standard deviation: {std_val}")
 print(f"Sum: {sum_val}")
 """
+
+
+# hypha-rpc warns "Connection lost" even when we disconnect on purpose at the end.
+logging.getLogger("RPC").setLevel(logging.ERROR)
 
 
 def show_progress(message: dict) -> None:

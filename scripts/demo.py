@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
 
 import httpx
+import hypha_rpc.rpc  # noqa: F401
 
 from hypha_conda_plugin.local_server import LocalServer
 
 REPO = Path(__file__).resolve().parents[1]
 STATE = REPO / ".cache" / "demo"
+# hypha-rpc warns "Connection lost" even when a connection is closed on purpose (and
+# sets its logger's level when first imported, hence the import above).
+logging.getLogger("RPC").setLevel(logging.ERROR)
 CONDA_FORGE_PROBE = "https://conda.anaconda.org/conda-forge/noarch/repodata.json"
 
 
