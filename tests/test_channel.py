@@ -187,6 +187,7 @@ def test_same_inputs_are_reused_without_pip(
     def no_pip(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("pip must not run when the inputs are unchanged")
 
+    # Not a stand-in: a tripwire proving the real builder never calls pip on reuse.
     # Patched where the build looks it up, and at its source.
     monkeypatch.setattr(channel_build, "download_wheels", no_pip)
     monkeypatch.setattr(pypi, "download_wheels", no_pip)
