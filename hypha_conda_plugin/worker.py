@@ -249,17 +249,7 @@ class CondaWorker:
 
     async def stop(self, session_id: str, context: dict | None = None) -> None:
         """Shut the kernel down and delete the session's folder."""
-        session = self._session(session_id, context)
-        if session.state == SessionState.STOPPING:
-            return
-        starting = session.start_task if session.state == SessionState.STARTING else None
-        session.state = SessionState.STOPPING
-        if starting is not None and starting is not asyncio.current_task():
-            # Cancel the start (a build child is killed, a half-built env removed) before
-            # releasing, or it would go on and launch a kernel nobody owns.
-            starting.cancel()
-            await asyncio.wait({starting})
-        await self._release(session, keep_record=False)
+        await self._stop_session(self._session(session_id, context))
 
     async def get_logs(
         self,
@@ -304,8 +294,7 @@ class CondaWorker:
         if context is not None and not Caller.from_context(context).is_root:
             raise WorkspaceNotAuthorizedError("Only the server may shut the worker down.")
         await asyncio.gather(
-            *(self._release(s, keep_record=False) for s in self.sessions.list()),
-            return_exceptions=True,
+            *(self._stop_session(s) for s in self.sessions.list()), return_exceptions=True
         )
 
     # ----------------------------------------------------------------- helpers
@@ -417,6 +406,19 @@ class CondaWorker:
                 f"The entry point '{manifest.get('entry_point')}' raised "
                 f"{error.get('ename')}: {error.get('evalue')}\n{traceback}"
             )
+
+    async def _stop_session(self, session: Session) -> None:
+        """The one way a session ends on request (stop, worker shutdown)."""
+        if session.state == SessionState.STOPPING:
+            return
+        starting = session.start_task if session.state == SessionState.STARTING else None
+        session.state = SessionState.STOPPING
+        if starting is not None and starting is not asyncio.current_task():
+            # Cancel the start (a build child is killed, a half-built env removed) before
+            # releasing, or it would go on and launch a kernel nobody owns.
+            starting.cancel()
+            await asyncio.wait({starting})
+        await self._release(session, keep_record=False)
 
     async def _release(self, session: Session, *, keep_record: bool) -> None:
         """Stop the kernel and delete the session's folders; never raises."""

@@ -88,3 +88,41 @@ async def test_stop_during_a_build_cancels_it_and_leaves_nothing(conda_worker, w
     await asyncio.sleep(3)
     assert _kernel_processes_in(folder) == []
     assert not folder.exists()
+
+
+async def test_worker_shutdown_during_a_start_leaves_no_kernel(offline_channel, tmp_path):
+    """In-process worker (shutdown is the server's call): a start in flight is cancelled."""
+    from hypha_conda_plugin.settings import Settings
+    from hypha_conda_plugin.worker import CondaWorker
+
+    worker = CondaWorker(
+        Settings(
+            cache_dir=tmp_path / "cache",
+            working_dir=tmp_path / "work",
+            channel_alias=offline_channel.alias_url,
+        )
+    )
+    building = asyncio.Event()
+
+    def on_progress(message: dict) -> None:
+        if message.get("stage", "").startswith("build:"):
+            building.set()
+
+    start = asyncio.create_task(
+        worker.start(
+            {
+                "id": "late",
+                "manifest": {"dependencies": ["python", "numpy"]},
+                "progress_callback": on_progress,
+            }
+        )
+    )
+    await asyncio.wait_for(building.wait(), 60)
+    await worker.shutdown()
+
+    with pytest.raises(Exception, match="stopped while starting"):
+        await start
+    await asyncio.sleep(3)  # a start that went on would have its kernel by now
+    assert _kernel_processes_in(tmp_path / "work") == []
+    assert await worker.list_sessions() == []
+    assert not [p for p in (tmp_path / "cache" / "envs").glob("*") if p.is_dir()]
