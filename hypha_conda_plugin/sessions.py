@@ -83,6 +83,11 @@ class Session:
     running: int = 0
     start_task: asyncio.Task | None = None
 
+    def record_output(self, item: dict[str, Any]) -> None:
+        """Keep a cell's printed text in the session log (rich outputs stay in results)."""
+        if item.get("type") == "stream":
+            self.log.add(item.get("name", "stdout"), item.get("text", ""))
+
     def info(self) -> dict[str, Any]:
         return {
             "session_id": self.id,

@@ -162,7 +162,8 @@ class CondaWorker:
                 await stage_files(
                     stage_rules, dest=session.workdir, files=app_files, progress=progress
                 )
-            entry_code = await self._entry_point(config, manifest, app_files, progress, session)
+            entry_point = config.get("entry_point") or manifest.get("entry_point")
+            entry_code = await self._entry_point(entry_point, app_files, progress, session)
             await progress({"type": "info", "stage": "kernel", "message": "Starting kernel"})
             session.kernel = Kernel(
                 session.env.python,
@@ -172,7 +173,7 @@ class CondaWorker:
             )
             await session.kernel.start(timeout=self.settings.kernel_start_timeout)
             if entry_code is not None:
-                await self._run_entry_point(session, entry_code, manifest, config, progress)
+                await self._run_entry_point(session, entry_point, entry_code, config, progress)
         except BaseException as error:
             if session.state == SessionState.STOPPING:
                 # stop() cancelled us; it releases the session itself.
@@ -221,8 +222,7 @@ class CondaWorker:
         )
 
         async def on_output(item: dict[str, Any]) -> None:
-            if item.get("type") == "stream":
-                session.log.add(item.get("name", "stdout"), item.get("text", ""))
+            session.record_output(item)
             await notify(output_callback, item)
 
         session.running += 1
@@ -349,14 +349,12 @@ class CondaWorker:
 
     async def _entry_point(
         self,
-        config: Mapping[str, Any],
-        manifest: Mapping[str, Any],
+        entry_point: str | None,
         app_files: AppFiles | None,
         progress: Callable,
         session: Session,
     ) -> str | None:
         """The code to run at start: the app's entry point file, read from the server."""
-        entry_point = config.get("entry_point") or manifest.get("entry_point")
         if not entry_point:
             return None
         if app_files is None:
@@ -380,20 +378,16 @@ class CondaWorker:
     async def _run_entry_point(
         self,
         session: Session,
+        entry_point: str,
         code: str,
-        manifest: Mapping[str, Any],
         config: Mapping[str, Any],
         progress: Callable,
     ) -> None:
         await progress({"type": "info", "stage": "entry_point", "message": "Running entry point"})
 
-        async def on_output(item: dict[str, Any]) -> None:
-            if item.get("type") == "stream":
-                session.log.add(item.get("name", "stdout"), item.get("text", ""))
-
         timeout = config.get("timeout") or self.settings.kernel_start_timeout
         result = await session.kernel.execute(
-            code, timeout=float(timeout), output_callback=on_output
+            code, timeout=float(timeout), output_callback=session.record_output
         )
         if result.get("status") != "ok":
             error = result.get("error") or {}
@@ -403,7 +397,7 @@ class CondaWorker:
                 session.log.add("stderr", kernel_log)
                 traceback += f"\nLast lines of the kernel's own output:\n{kernel_log}"
             raise AppFileError(
-                f"The entry point '{manifest.get('entry_point')}' raised "
+                f"The entry point '{entry_point}' raised "
                 f"{error.get('ename')}: {error.get('evalue')}\n{traceback}"
             )
 
