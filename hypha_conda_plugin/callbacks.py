@@ -10,12 +10,16 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 10.0
+
+Progress = Callable[[dict[str, Any]], Awaitable[None]]
+"""The worker's own progress sink handed down to builds and staging: it logs the message
+and forwards it to the client's callback through ``notify``."""
 
 
 async def notify(

@@ -21,7 +21,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -29,10 +29,9 @@ from typing import Any, BinaryIO
 import httpx
 
 from hypha_conda_plugin.app_files import AppFiles
+from hypha_conda_plugin.callbacks import Progress
 from hypha_conda_plugin.errors import StagingError
 from hypha_conda_plugin.stage_rules import StageRule
-
-ProgressCallback = Callable[[dict[str, Any]], Awaitable[None]]
 
 #: Downloads running at once; enough to hide per-request latency for many small files
 #: without opening a flood of connections to the server.
@@ -70,7 +69,7 @@ async def stage_files(
     *,
     dest: Path,
     files: AppFiles,
-    progress: ProgressCallback,
+    progress: Progress,
     concurrency: int = DEFAULT_CONCURRENCY,
 ) -> StagingReport:
     """Download the rules' files and folders into ``dest`` (an existing session folder).
@@ -317,7 +316,7 @@ async def _all_or_nothing(coroutines: list[Awaitable[int]]) -> list[int]:
 class _Progress:
     """Counts finished files and reports per file, or about every 5% for big folders."""
 
-    def __init__(self, total: int, progress: ProgressCallback) -> None:
+    def __init__(self, total: int, progress: Progress) -> None:
         self.total = total
         self.finished = 0
         self.progress = progress

@@ -451,6 +451,9 @@ def _execute_timeout(config: Mapping[str, Any] | None, default: float | None) ->
 
 
 def _platform() -> str:
+    """The conda subdir of this machine, for cache keys. Worked out here rather than with
+    rattler's ``Subdir.current()`` so the server process never imports rattler (builds
+    run it in a child, where a crash cannot take the server down)."""
     import platform
     import sys
 

@@ -15,18 +15,18 @@ import os
 import signal
 import sys
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+from hypha_conda_plugin.callbacks import Progress
 from hypha_conda_plugin.childenv import clean_env
 from hypha_conda_plugin.envs.spec import EnvSpec
 from hypha_conda_plugin.errors import EnvironmentBuildError
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[dict[str, Any]], Awaitable[None]]
 
 STDERR_TAIL_LINES = 40
 

@@ -20,7 +20,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from hypha_conda_plugin.envs.builders import Builder, Progress, install_pip_packages
+from hypha_conda_plugin.callbacks import Progress
+from hypha_conda_plugin.envs.builders import Builder, install_pip_packages
 from hypha_conda_plugin.envs.spec import EnvSpec
 from hypha_conda_plugin.errors import EnvironmentBuildError
 
@@ -64,10 +65,11 @@ class EnvCache:
         return spec.cache_key(channel_alias=self.channel_alias, platform=self.platform)
 
     def prefix_for(self, key: str) -> Path:
-        prefix = (self.envs_dir / key).resolve()
-        if prefix.parent != self.envs_dir.resolve():
-            raise EnvironmentBuildError(f"Refusing environment path outside the cache: {prefix}")
-        return prefix
+        """The environment's folder. Keys are hex digests, so this is a plain child of
+        ``envs_dir`` (already resolved by the settings); no file system call needed."""
+        if not key.isalnum():
+            raise EnvironmentBuildError(f"Refusing environment key {key!r}")
+        return self.envs_dir / key
 
     async def acquire(self, spec: EnvSpec, progress: Progress) -> CachedEnv:
         """Return a ready environment for ``spec``, building it if needed."""
