@@ -191,7 +191,8 @@ async def test_a_symlink_in_the_session_folder_is_not_followed(
 async def test_stage_files_streams_files_sends_the_token_and_reports_progress(
     files_server: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(staging, "LISTING_PAGE", 2)  # exercise paging: 5 files, pages of 2
+    # Not a stand-in: a smaller page size so 5 real files exercise the paging code.
+    monkeypatch.setattr(staging, "LISTING_PAGE", 2)
     messages: list[dict] = []
 
     async def progress(message: dict) -> None:
