@@ -33,6 +33,20 @@ class AppFiles:
     base_url: str
     token: str | None = None
     verify_ssl: bool = True
+    #: Which version of the app's files to read: a version name or index, or the staged
+    #: (uncommitted) files; neither means the latest committed version.
+    version: str | None = None
+    stage: bool = False
+
+    @property
+    def params(self) -> dict[str, str]:
+        """Query parameters every request for the app's files carries."""
+        params = dict(PROXY_PARAMS)
+        if self.stage:
+            params["stage"] = "true"
+        elif self.version is not None:
+            params["version"] = self.version
+        return params
 
     @classmethod
     def for_start(cls, config: Mapping[str, Any], server_url: str | None) -> AppFiles | None:
@@ -65,7 +79,7 @@ class AppFiles:
             limits=httpx.Limits(max_connections=max_connections),
             follow_redirects=True,
             verify=self.verify_ssl,
-            params=PROXY_PARAMS,
+            params=self.params,
         )
 
     async def read_text(self, path: str) -> str:
