@@ -41,3 +41,15 @@ class WorkspaceNotAuthorizedError(CondaWorkerError):
 
 class StagingError(CondaWorkerError):
     """A files_to_stage file or folder could not be copied into the session folder."""
+
+
+class AnonymousCallerError(WorkspaceNotAuthorizedError):
+    """An anonymous visitor called a worker that only serves signed-in users."""
+
+
+class SandboxUnavailableError(CondaWorkerError):
+    """The kernel sandbox is required (CONDA_SANDBOX=bwrap) but cannot run on this host."""
+
+
+class QuotaExceededError(CondaWorkerError):
+    """A limit of the worker (sessions, builds) was reached; the message names the setting."""
