@@ -137,12 +137,17 @@ async def _serve_worker(settings: Settings) -> int:
         print(f"Error: could not connect to {settings.server_url}: {error}", file=sys.stderr)
         return 1
     worker = CondaWorker(settings)
+    try:
+        sandbox = await worker.prepare()
+        print(f"  Isolation: {sandbox.isolation.detail}", flush=True)
+    except Exception as error:
+        print(f"  Isolation: unavailable, sessions will be refused: {error}", flush=True)
     service = await server.register_service(worker.service_definition())
     print(f"Worker registered as {service.id}; press Ctrl+C to stop.", flush=True)
     stop = _stop_on_signals()
     await stop.wait()
     print("Stopping: shutting down sessions...", flush=True)
-    await worker.shutdown()
+    await worker.close()
     with contextlib.suppress(Exception):
         await server.disconnect()
     return 0

@@ -53,3 +53,7 @@ class SandboxUnavailableError(CondaWorkerError):
 
 class QuotaExceededError(CondaWorkerError):
     """A limit of the worker (sessions, builds) was reached; the message names the setting."""
+
+
+class ConfigError(CondaWorkerError):
+    """A field of a call's config is malformed or not the caller's to set."""

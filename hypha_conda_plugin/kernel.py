@@ -44,7 +44,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any, Literal
 
@@ -84,10 +84,16 @@ class KernelDiedError(KernelError):
     """The kernel is not running (it died or was shut down)."""
 
 
-def _describe_exit(returncode: int | None) -> str:
-    """Turn a return code into words, pointing at the OOM killer for SIGKILL."""
+def _describe_exit(returncode: int | None, *, wrapped: bool = False) -> str:
+    """Turn a return code into words, pointing at the OOM killer for SIGKILL.
+
+    A wrapped kernel's code comes from bwrap, which reports a child killed by signal N
+    as exit code 128 + N, as a shell does.
+    """
     if returncode is None:
         return "exit status unknown"
+    if wrapped and 128 < returncode < 128 + 65:
+        returncode = 128 - returncode
     if returncode < 0:
         try:
             name = signal.Signals(-returncode).name
@@ -188,7 +194,15 @@ class Kernel:
         env: Mapping[str, str],
         log_path: Path | None = None,
         interrupt_grace: float = 5.0,
+        runtime_dir: Path | None = None,
+        wrap: Callable[[list[str]], list[str]] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
+        """``runtime_dir``: an existing private folder for the kernelspec, connection
+        file and sockets (its owner removes it); by default a temporary one is made.
+        ``wrap`` turns the kernel's command line into a confined one (the sandbox); a
+        wrapped kernel is interrupted by message, because a signal to the wrapper's
+        process group would reach the wrapper rather than only the kernel."""
         # Absolute (the kernel runs in ``cwd``) but not resolved: resolving a venv's
         # ``bin/python`` symlink would lose the environment.
         self._python = Path(python).absolute()
@@ -199,6 +213,9 @@ class Kernel:
         self._interrupt_grace = interrupt_grace
         self._km: AsyncKernelManager | None = None
         self._client: AsyncKernelClient | None = None
+        self._runtime_dir = Path(runtime_dir) if runtime_dir is not None else None
+        self._wrap = wrap
+        self._preexec_fn = preexec_fn
         self._private_dir: Path | None = None
         self._log_file: IO[bytes] | None = None
         self._log_offset = 0
@@ -257,14 +274,18 @@ class Kernel:
 
     def _prepare_files(self) -> None:
         """Private folder with the kernelspec; runs in a thread (file system work)."""
-        self._private_dir = Path(tempfile.mkdtemp(prefix="hypha-kernel-"))
+        if self._runtime_dir is not None:
+            self._private_dir = self._runtime_dir
+        else:
+            self._private_dir = Path(tempfile.mkdtemp(prefix="hypha-kernel-"))
         spec_dir = self._private_dir / "kernels" / SPEC_NAME
-        spec_dir.mkdir(parents=True)
+        spec_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        argv = [str(self._python), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
         spec = {
-            "argv": [str(self._python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "argv": self._wrap(argv) if self._wrap is not None else argv,
             "display_name": f"Python ({self._python})",
             "language": "python",
-            "interrupt_mode": "signal",
+            "interrupt_mode": "message" if self._wrap is not None else "signal",
         }
         (spec_dir / "kernel.json").write_text(json.dumps(spec, indent=1))
         log_path = self._actual_log_path
@@ -291,11 +312,13 @@ class Kernel:
         assert self._km is not None
         self._mark_log()
         try:
+            extra = {"preexec_fn": self._preexec_fn} if self._preexec_fn is not None else {}
             await self._km.start_kernel(
                 cwd=str(self._cwd),
                 env=self._env,
                 stdout=self._log_file,
                 stderr=subprocess.STDOUT,
+                **extra,
             )
         except Exception as exc:
             raise KernelStartError(f"Could not launch {self._python}: {exc}") from exc
@@ -338,7 +361,7 @@ class Kernel:
         if not self.is_alive:
             process = self._process()
             returncode = process.returncode if process is not None else None
-            reason = f"the kernel process exited ({_describe_exit(returncode)})"
+            reason = f"the kernel process exited ({_describe_exit(returncode, wrapped=self._wrap is not None)})"
         tail = await self.log_tail()
         message = f"The kernel ({self._python}) did not start: {reason}."
         if tail:
@@ -360,8 +383,12 @@ class Kernel:
         *,
         timeout: float | None = None,
         output_callback: OutputCallback | None = None,
+        silent: bool = False,
     ) -> dict[str, Any]:
         """Run one cell and return the contract result.
+
+        ``silent``: the worker's own code (session set-up): no history, no execution
+        count, nothing shown to the session's clients.
 
         ``timeout`` counts from when the cell is sent (not time spent queued behind
         other cells). On timeout the kernel is interrupted and keeps its state; if it
@@ -374,7 +401,13 @@ class Kernel:
             # stop_on_error=False: cells never queue in the kernel (the lock), except
             # right after a cancelled execute, whose interrupted cell would otherwise
             # make the kernel abort this one.
-            msg_id = client.execute(code, allow_stdin=False, stop_on_error=False)
+            msg_id = client.execute(
+                code,
+                silent=silent,
+                store_history=not silent,
+                allow_stdin=False,
+                stop_on_error=False,
+            )
             reader = asyncio.create_task(self._read_cell(client, msg_id, cell))
             exited = asyncio.create_task(_wait_for_exit(process))
             try:
@@ -394,7 +427,7 @@ class Kernel:
             raise KernelDiedError("The kernel has been shut down.")
         if process.poll() is not None:
             raise KernelDiedError(
-                f"The kernel is not running ({_describe_exit(process.returncode)}); "
+                f"The kernel is not running ({_describe_exit(process.returncode, wrapped=self._wrap is not None)}); "
                 "restart it to continue."
             )
         return self._client, process
@@ -495,7 +528,7 @@ class Kernel:
             message = f"The kernel was {reason} while this cell was running."
         else:
             message = (
-                f"The kernel died while running this cell ({_describe_exit(process.poll())}). "
+                f"The kernel died while running this cell ({_describe_exit(process.poll(), wrapped=self._wrap is not None)}). "
                 "Its state is lost; restart the kernel to continue."
             )
         return cell.failure("KernelDied", message)
@@ -574,9 +607,9 @@ class Kernel:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-        if self._private_dir is not None:
+        if self._private_dir is not None and self._runtime_dir is None:
             await asyncio.to_thread(shutil.rmtree, self._private_dir, True)
-            self._private_dir = None
+        self._private_dir = None
 
     @staticmethod
     async def _stop_manager(km: AsyncKernelManager) -> None:

@@ -224,7 +224,10 @@ async def detect_sandbox(mode: str) -> Sandbox:
     that fails, ``auto`` falls back to the unsandboxed mode with a warning.
     """
     if mode == "off":
-        return Sandbox(None, Isolation("none", "sandbox turned off (CONDA_SANDBOX=off)", UNSANDBOXED_GUARANTEES))
+        return Sandbox(
+            None,
+            Isolation("none", "sandbox turned off (CONDA_SANDBOX=off)", UNSANDBOXED_GUARANTEES),
+        )
     binary = find_bwrap()
     problem = None
     if binary is None:
@@ -236,7 +239,10 @@ async def detect_sandbox(mode: str) -> Sandbox:
         problem = await _probe(binary)
     if problem is None:
         version = await _version(binary)
-        return Sandbox(binary, Isolation("bwrap", f"bubblewrap sandbox ({binary}, {version})", SANDBOXED_GUARANTEES))
+        return Sandbox(
+            binary,
+            Isolation("bwrap", f"bubblewrap sandbox ({binary}, {version})", SANDBOXED_GUARANTEES),
+        )
     if mode == "bwrap":
         raise SandboxUnavailableError(
             f"CONDA_SANDBOX=bwrap but the sandbox cannot run here: {problem}. Allow user "

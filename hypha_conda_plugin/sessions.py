@@ -2,15 +2,13 @@
 
 A session belongs to the workspace that started it: the registry is keyed by
 ``(workspace, session_id)``, so the same id in two workspaces names two sessions and a
-lookup can only ever find the caller's own.
+lookup can only ever find the caller's own. Its folders are those of the instance
+(:mod:`hypha_conda_plugin.instances`) its kernel runs in, assigned once it has one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
-import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,12 +20,12 @@ from hypha_conda_plugin.errors import SessionExistsError, SessionNotFoundError
 
 if TYPE_CHECKING:
     from hypha_conda_plugin.envs.cache import CachedEnv
+    from hypha_conda_plugin.instances import Instance
     from hypha_conda_plugin.kernel import Kernel
 
 LOG_TYPES = ("stdout", "stderr", "info", "error", "progress")
 #: Failed sessions are kept so their logs can explain the failure; this many at most.
 MAX_FAILED_KEPT = 20
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 class SessionState(str, Enum):
@@ -59,21 +57,14 @@ class SessionLog:
         return {"items": window, "total": total, "offset": offset, "limit": limit}
 
 
-def safe_name(value: str) -> str:
-    """A folder name derived from an arbitrary id: readable, unique, no path tricks."""
-    readable = _UNSAFE.sub("_", value).strip("._")[:60] or "session"
-    digest = hashlib.sha256(value.encode()).hexdigest()[:10]
-    return f"{readable}-{digest}"
-
-
 @dataclass
 class Session:
     id: str
     workspace: str
-    workdir: Path
-    runtime_dir: Path
     log: SessionLog
     app_id: str | None = None
+    instance: Instance | None = None
+    isolation: str | None = None
     state: SessionState = SessionState.STARTING
     created_at: float = field(default_factory=time.time)
     env: CachedEnv | None = None
@@ -82,6 +73,13 @@ class Session:
     executions: int = 0
     running: int = 0
     start_task: asyncio.Task | None = None
+    #: The app's entry point code, between reading it and running it at start.
+    entry_code: str | None = None
+
+    @property
+    def workdir(self) -> Path | None:
+        """The session's working folder (cwd of its kernel), once it has an instance."""
+        return self.instance.work if self.instance is not None else None
 
     def record_output(self, item: dict[str, Any]) -> None:
         """Keep a cell's printed text in the session log (rich outputs stay in results)."""
@@ -95,7 +93,8 @@ class Session:
             "app_id": self.app_id,
             "status": self.state.value,
             "created_at": self.created_at,
-            "working_dir": str(self.workdir),
+            "working_dir": str(self.workdir) if self.workdir else None,
+            "isolation": self.isolation,
             "environment": str(self.env.prefix) if self.env else None,
             "environment_reused": self.env.reused if self.env else None,
             "executions": self.executions,
@@ -105,10 +104,9 @@ class Session:
 
 
 class SessionManager:
-    """Live sessions by owner; derives every session folder from validated names."""
+    """Live sessions by owner."""
 
-    def __init__(self, working_dir: Path, max_log_entries: int) -> None:
-        self.working_dir = working_dir
+    def __init__(self, max_log_entries: int) -> None:
         self.max_log_entries = max_log_entries
         self._sessions: dict[tuple[str, str], Session] = {}
 
@@ -120,14 +118,9 @@ class SessionManager:
                 f"Session '{session_id}' is already {existing.state.value} in workspace "
                 f"'{workspace}'. Stop it first or start with another id."
             )
-        base = self.working_dir / safe_name(workspace)
         session = Session(
             id=session_id,
             workspace=workspace,
-            workdir=self._inside(base / safe_name(session_id)),
-            runtime_dir=self._inside(
-                self.working_dir / ".runtime" / safe_name(f"{workspace}/{session_id}")
-            ),
             log=SessionLog(self.max_log_entries),
             app_id=app_id,
         )
@@ -149,13 +142,6 @@ class SessionManager:
             )
         return session
 
-    def find_any(self, session_id: str) -> Session:
-        """Look a session up in every workspace (only for the server's own root calls)."""
-        matches = [s for (_, sid), s in self._sessions.items() if sid == session_id]
-        if len(matches) != 1:
-            raise SessionNotFoundError(f"No session '{session_id}'.")
-        return matches[0]
-
     def remove(self, session: Session) -> None:
         if self._sessions.get((session.workspace, session.id)) is session:
             del self._sessions[(session.workspace, session.id)]
@@ -163,10 +149,10 @@ class SessionManager:
     def list(self, workspace: str | None = None) -> list[Session]:
         return [s for (ws, _), s in self._sessions.items() if workspace in (None, ws)]
 
-    def _inside(self, path: Path) -> Path:
-        # Pure path arithmetic (no file system access on the event loop): the names come
-        # from safe_name and the root is already resolved, so there are no links to follow.
-        resolved = Path(os.path.normpath(path))
-        if not resolved.is_relative_to(self.working_dir):
-            raise ValueError(f"Session folder {resolved} would lie outside {self.working_dir}")
-        return resolved
+    def count(self, workspace: str | None = None) -> int:
+        """Sessions that hold resources (not failed records kept for their logs)."""
+        return sum(
+            1
+            for (ws, _), s in self._sessions.items()
+            if workspace in (None, ws) and s.state != SessionState.FAILED
+        )

@@ -9,7 +9,7 @@ environment themselves, so a test or an embedding application can build one dire
 from __future__ import annotations
 
 import os
-import uuid
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -29,7 +29,33 @@ def _split_list(value: str | None) -> list[str]:
 
 
 def _default_working_dir() -> Path:
-    return Path("/tmp") / f"hypha_sessions_{uuid.uuid4().hex[:8]}"
+    # Stable per user (not random per process): a worker that restarts after a crash
+    # finds, and sweeps, what the dead run left (see instances.py).
+    return Path("/tmp") / f"hypha_conda_sessions_{os.getuid()}"
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(value: object) -> int | None:
+    """Bytes from ``2G``, ``512M``, ``1.5GiB``, ``10000`` (K/M/G/T are powers of 1024, as
+    in Docker and Kubernetes' ``Gi``); ``none``, ``0`` or empty mean no limit."""
+    if value is None or isinstance(value, bool):
+        return None if value is None else _size_error(value)
+    if isinstance(value, int | float):
+        return int(value) or None
+    text = str(value).strip()
+    if text.lower() in ("", "none", "off", "0"):
+        return None
+    match = _SIZE.match(text)
+    if not match:
+        return _size_error(value)
+    number, unit = float(match.group(1)), match.group(2).lower()
+    return int(number * 1024 ** " kmgtp".index(unit or " ")) or None
+
+
+def _size_error(value: object) -> int:
+    raise ValueError(f"{value!r} is not a size; write it like 2G, 512M or 1.5GiB")
 
 
 class Settings(BaseModel):
@@ -56,10 +82,20 @@ class Settings(BaseModel):
 
     # How kernels run.
     kernel_start_timeout: float = Field(default=120.0, gt=0)
+    sandbox: Literal["auto", "bwrap", "off"] = "auto"
+    session_memory_limit: int | None = None
     default_execute_timeout: float | None = Field(default=None, gt=0)
     max_log_entries: int = Field(default=10_000, ge=100)
 
+    # Who may call.
+    allow_anonymous: bool = False
+
     verbose: bool = False
+
+    @field_validator("session_memory_limit", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> int | None:
+        return parse_size(value)
 
     @field_validator("working_dir", "cache_dir")
     @classmethod
@@ -107,6 +143,9 @@ class Settings(BaseModel):
             "kernel_start_timeout": "CONDA_KERNEL_START_TIMEOUT",
             "default_execute_timeout": "CONDA_EXECUTE_TIMEOUT",
             "max_log_entries": "CONDA_MAX_LOG_ENTRIES",
+            "sandbox": "CONDA_SANDBOX",
+            "session_memory_limit": "CONDA_SESSION_MEMORY_LIMIT",
+            "allow_anonymous": "CONDA_ALLOW_ANONYMOUS",
         }
         for field, variable in optional.items():
             if env.get(variable):

@@ -27,14 +27,21 @@ async def hypha_startup(server: Any) -> None:
     server_url = config.get("local_base_url") or config.get("public_base_url")
     worker = CondaWorker(settings, server_url=server_url, in_server=True)
     try:
+        await worker.prepare()
+    except Exception as error:
+        # Registered anyway: every start then says why it cannot run.
+        logger.error("Conda worker cannot start sessions: %s", error)
+    try:
         await server.register_service(worker.service_definition())
     except Exception as error:
         logger.error("Conda worker could not register as '%s': %s", settings.service_id, error)
         return
     logger.info(
-        "Conda worker registered as public/%s (working dir %s, cache %s, channel alias %s)",
+        "Conda worker registered as public/%s (working dir %s, cache %s, channel alias %s, "
+        "isolation: %s)",
         settings.service_id,
         settings.working_dir,
         settings.cache_dir,
         settings.channel_alias or "default",
+        worker.sandbox.isolation.detail if worker.sandbox else "unavailable",
     )

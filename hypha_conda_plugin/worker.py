@@ -10,35 +10,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from hypha_conda_plugin import __version__
-from hypha_conda_plugin.app_files import AppFiles
-from hypha_conda_plugin.callbacks import notify
-from hypha_conda_plugin.childenv import clean_env
+from hypha_conda_plugin.aio import gather_or_cancel
+from hypha_conda_plugin.callbacks import Progress, notify
 from hypha_conda_plugin.envs.builders import RattlerBuilder
+from hypha_conda_plugin.envs.bytecode import compile_remaining, seal
 from hypha_conda_plugin.envs.cache import EnvCache
 from hypha_conda_plugin.envs.spec import EnvSpec
 from hypha_conda_plugin.errors import (
+    AnonymousCallerError,
     AppFileError,
     CondaWorkerError,
-    ManifestError,
+    ConfigError,
+    SessionNotFoundError,
     SessionStateError,
     WorkspaceNotAuthorizedError,
 )
+from hypha_conda_plugin.instances import WorkingRoot
 from hypha_conda_plugin.kernel import Kernel
+from hypha_conda_plugin.launcher import KernelLauncher, session_bootstrap
+from hypha_conda_plugin.sandbox import Sandbox, detect_sandbox, make_worker_non_dumpable
 from hypha_conda_plugin.sessions import LOG_TYPES, Session, SessionManager, SessionState
 from hypha_conda_plugin.settings import SUPPORTED_APP_TYPE, Settings
 from hypha_conda_plugin.stage_rules import parse_stage_rules
 from hypha_conda_plugin.staging import stage_files
+from hypha_conda_plugin.start_request import StartRequest, seconds
 
 logger = logging.getLogger(__name__)
 
-MAX_SESSION_ID_LENGTH = 256
+MAX_EXECUTE_TIMEOUT = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -47,18 +52,30 @@ class Caller:
 
     workspace: str
     user_id: str | None
+    is_anonymous: bool = False
 
     @property
     def is_root(self) -> bool:
+        """The server itself (its app controller, its admins): only Hypha can say so, in
+        the context it attaches to every call of a ``require_context`` service."""
         return self.user_id == "root"
 
     @classmethod
     def from_context(cls, context: Mapping[str, Any] | None) -> Caller:
-        if not context:
-            # Only an in-process call without Hypha in between has no context.
-            return cls(workspace="local", user_id="root")
+        if not context or not context.get("ws"):
+            # Hypha always attaches a context to our methods (require_context), and
+            # overrides any the caller sends. None means an in-process caller that did
+            # not say who it acts for: refuse rather than guess.
+            raise WorkspaceNotAuthorizedError(
+                "The call carries no caller context (workspace and user); the worker "
+                "serves calls through Hypha only."
+            )
         user = context.get("user") or {}
-        return cls(workspace=str(context.get("ws") or ""), user_id=user.get("id"))
+        return cls(
+            workspace=str(context["ws"]),
+            user_id=user.get("id"),
+            is_anonymous=bool(user.get("is_anonymous")),
+        )
 
 
 class CondaWorker:
@@ -84,8 +101,74 @@ class CondaWorker:
             channel_alias=settings.channel_alias,
             platform=_platform(),
             pip_timeout=settings.build_timeout,
+            finish=self._finish_environment,
         )
-        self.sessions = SessionManager(settings.working_dir, settings.max_log_entries)
+        self._background: set[asyncio.Task[Any]] = set()
+        self.sessions = SessionManager(settings.max_log_entries)
+        self.root = WorkingRoot(settings.working_dir)
+        self.sandbox: Sandbox | None = None
+        self.launcher: KernelLauncher | None = None
+        self._prepared: asyncio.Task[None] | None = None
+
+    async def prepare(self) -> Sandbox:
+        """Find the sandbox, claim a run folder, sweep what dead runs left; once.
+
+        Called before the service is registered (so the start-up log says which isolation
+        sessions get) and again, cheaply, by every start.
+        """
+        if self._prepared is None:
+            self._prepared = asyncio.ensure_future(self._prepare())
+        await asyncio.shield(self._prepared)
+        assert self.sandbox is not None
+        return self.sandbox
+
+    async def _prepare(self) -> None:
+        try:
+            sandbox = await detect_sandbox(self.settings.sandbox)
+        except Exception:
+            self._prepared = None  # a later start says why again
+            raise
+        if sandbox.enabled:
+            logger.info("Isolation: %s", sandbox.isolation.detail)
+        else:
+            dumpable = make_worker_non_dumpable()
+            logger.warning(
+                "Isolation: NO SANDBOX (%s). Kernels run as this worker's user with private "
+                "folders only; they can see other processes%s. Run standalone workers in "
+                "their own pods and keep secrets out of the server's environment.",
+                sandbox.isolation.detail,
+                "" if dumpable else ", and the worker could not make itself non-dumpable",
+            )
+        await self.root.open()
+        self.launcher = KernelLauncher(
+            sandbox,
+            run_id=self.root.run_id,
+            start_timeout=self.settings.kernel_start_timeout,
+            memory_limit=self.settings.session_memory_limit,
+        )
+        self.sandbox = sandbox
+
+    async def _finish_environment(self, prefix: Path, progress: Progress) -> None:
+        """Make a freshly built environment complete: the bytecode a kernel needs now,
+        the rest (then read-only) in the background (see envs/bytecode.py)."""
+        await self.prepare()
+        assert self.launcher is not None
+        await progress(
+            {"type": "info", "stage": "environment", "message": "Compiling the kernel's bytecode"}
+        )
+        await self.launcher.warm_bytecode(self.root.new_instance(), prefix)
+        self._spawn(self._complete_environment(prefix))
+
+    async def _complete_environment(self, prefix: Path) -> None:
+        if await compile_remaining(prefix):
+            await asyncio.to_thread(seal, prefix)
+            logger.info("Environment %s compiled and sealed read-only", prefix.name)
+
+    def _spawn(self, coroutine: Awaitable[Any]) -> None:
+        """Background work of the worker; cancelled (children killed) by close()."""
+        task = asyncio.ensure_future(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ----------------------------------------------------------------- registration
     def service_definition(self) -> dict[str, Any]:
@@ -118,34 +201,18 @@ class CondaWorker:
     async def start(self, config: dict[str, Any], context: dict | None = None) -> str:
         """Build or reuse the environment, start a kernel, run the app's entry point."""
         caller = self._authorize(context)
-        config = dict(config or {})
-        manifest = config.get("manifest")
-        if not isinstance(manifest, Mapping):
-            raise ManifestError(
-                "start() needs config['manifest'], a mapping with "
-                "'dependencies' and optionally 'channels'."
-            )
-        app_type = manifest.get("type")
-        if app_type not in (None, SUPPORTED_APP_TYPE):
-            raise ManifestError(
-                f"This worker runs apps of type '{SUPPORTED_APP_TYPE}', not '{app_type}'."
-            )
-        session_id = _session_id(config.get("id"))
-        workspace = self._owner(caller, config)
-        app_files = AppFiles.for_start(config, self.server_url)
-        spec = EnvSpec.from_manifest(
-            manifest, default_channels=self.settings.default_channels, for_app=app_files is not None
+        request = StartRequest.parse(
+            config,
+            workspace=caller.workspace,
+            from_server=caller.is_root,
+            server_url=self.server_url,
+            settings=self.settings,
         )
-        stage_rules = parse_stage_rules(manifest.get("files_to_stage"))
-        if stage_rules and app_files is None:
-            raise ManifestError(
-                "files_to_stage needs an app's files, but this start names no app "
-                "(app_id, artifact_id or app_files_base_url). Install the app and start it "
-                "through the app controller, or remove files_to_stage from the manifest."
-            )
-        session = self.sessions.create(workspace, session_id, config.get("app_id"))
+        sandbox = await self.prepare()
+        session = self.sessions.create(request.workspace, request.session_id, request.app_id)
         session.start_task = asyncio.current_task()
-        callback = config.get("progress_callback")
+        session.isolation = sandbox.isolation.mode
+        callback = request.progress_callback
 
         async def progress(message: dict[str, Any]) -> None:
             session.log.add("progress", message.get("message", ""))
@@ -153,32 +220,19 @@ class CondaWorker:
 
         try:
             await progress(
-                {"type": "info", "stage": "start", "message": f"Starting session {session_id}"}
+                {"type": "info", "stage": "start", "message": f"Starting session {session.id}"}
             )
-            session.env = await self.envs.acquire(spec, progress)
-            await asyncio.to_thread(session.workdir.mkdir, parents=True, exist_ok=True)
-            await asyncio.to_thread(session.runtime_dir.mkdir, parents=True, exist_ok=True)
-            if stage_rules:
-                await stage_files(
-                    stage_rules, dest=session.workdir, files=app_files, progress=progress
-                )
-            entry_point = config.get("entry_point") or manifest.get("entry_point")
-            entry_code = await self._entry_point(entry_point, app_files, progress, session)
-            await progress({"type": "info", "stage": "kernel", "message": "Starting kernel"})
-            session.kernel = Kernel(
-                session.env.python,
-                cwd=session.workdir,
-                env=clean_env(session.env.prefix, extra=self._app_env(config, workspace)),
-                log_path=session.runtime_dir / "kernel.log",
-            )
-            await session.kernel.start(timeout=self.settings.kernel_start_timeout)
-            if entry_code is not None:
-                await self._run_entry_point(session, entry_point, entry_code, config, progress)
+            session.env = await self.envs.acquire(request.spec, progress)
+            await self._start_kernel(session, request, progress)
+            if session.kernel is not None and request.app_env:
+                await self._bootstrap(session, request.app_env)
+            if session.entry_code is not None:
+                await self._run_entry_point(session, request, progress)
         except BaseException as error:
             if session.state == SessionState.STOPPING:
                 # stop() cancelled us; it releases the session itself.
                 raise SessionStateError(
-                    f"Session '{session_id}' was stopped while starting."
+                    f"Session '{session.id}' was stopped while starting."
                 ) from error
             session.state = SessionState.FAILED
             session.error = str(error) or type(error).__name__
@@ -191,16 +245,53 @@ class CondaWorker:
             await asyncio.shield(self._release(session, keep_record=True))
             raise
         session.start_task = None
+        session.entry_code = None
         session.state = SessionState.READY
         await progress(
             {
                 "type": "success",
                 "stage": "ready",
                 "progress": 1.0,
-                "message": f"Session {session_id} is ready",
+                "message": f"Session {session.id} is ready",
             }
         )
-        return session_id
+        return session.id
+
+    async def _start_kernel(
+        self, session: Session, request: StartRequest, progress: Callable
+    ) -> None:
+        """A kernel in a fresh instance folder; staging and the entry point's download
+        run while it boots."""
+        assert self.launcher is not None and session.env is not None
+        instance = self.root.new_instance()
+        session.instance = instance
+        prefix = session.env.prefix
+        await progress({"type": "info", "stage": "kernel", "message": "Starting kernel"})
+        version = await self.launcher._python_version(prefix)
+        await asyncio.to_thread(instance.create, version)
+        session.kernel = self.launcher.kernel_for(instance, prefix)
+        jobs = [session.kernel.start(timeout=self.settings.kernel_start_timeout)]
+        if request.stage_rules:
+            assert request.app_files is not None
+            jobs.append(
+                stage_files(
+                    request.stage_rules,
+                    dest=instance.work,
+                    files=request.app_files,
+                    progress=progress,
+                )
+            )
+        jobs.append(self._read_entry_point(session, request, progress))
+        await gather_or_cancel(jobs)
+
+    async def _bootstrap(self, session: Session, variables: Mapping[str, str]) -> None:
+        """Give the kernel its session's variables before any user code runs."""
+        assert session.kernel is not None
+        result = await session.kernel.execute(
+            session_bootstrap(variables), timeout=self.settings.kernel_start_timeout, silent=True
+        )
+        if result.get("status") != "ok":
+            raise SessionStateError(f"The kernel could not be prepared: {result.get('error')}")
 
     async def execute(
         self,
@@ -216,7 +307,14 @@ class CondaWorker:
         if not isinstance(script, str):
             raise CondaWorkerError("execute() needs the code as a string in 'script'.")
         kernel = self._live_kernel(session)
-        timeout = _execute_timeout(config, self.settings.default_execute_timeout)
+        if config is not None and not isinstance(config, Mapping):
+            raise ConfigError("execute()'s config must be a mapping such as {'timeout': 30}.")
+        timeout = seconds(
+            (config or {}).get("timeout"),
+            "config['timeout']",
+            default=self.settings.default_execute_timeout,
+            maximum=MAX_EXECUTE_TIMEOUT,
+        )
         await notify(
             progress_callback, {"type": "info", "stage": "execute", "message": "Executing code"}
         )
@@ -283,6 +381,7 @@ class CondaWorker:
         self, manifest: dict, files: list, config: dict | None = None, context: dict | None = None
     ) -> tuple[dict, list]:
         """Validate a manifest when an app is installed, so errors surface early."""
+        self._authorize(context)
         EnvSpec.from_manifest(manifest, default_channels=self.settings.default_channels)
         parse_stage_rules(manifest.get("files_to_stage"))
         manifest = dict(manifest)
@@ -290,16 +389,32 @@ class CondaWorker:
         return manifest, files
 
     async def shutdown(self, context: dict | None = None) -> None:
-        """Stop every session (worker going away)."""
-        if context is not None and not Caller.from_context(context).is_root:
+        """Stop every session (the server's own call when it goes away)."""
+        if not Caller.from_context(context).is_root:
             raise WorkspaceNotAuthorizedError("Only the server may shut the worker down.")
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop every session and remove this run's folders (in-process: worker exit)."""
         await asyncio.gather(
             *(self._stop_session(s) for s in self.sessions.list()), return_exceptions=True
         )
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._prepared is not None and self._prepared.done():
+            await self.root.close()
 
     # ----------------------------------------------------------------- helpers
     def _authorize(self, context: Mapping[str, Any] | None) -> Caller:
         caller = Caller.from_context(context)
+        if caller.is_anonymous and not self.settings.allow_anonymous:
+            raise AnonymousCallerError(
+                "Anonymous visitors may not run code on this worker. Sign in (log in to the "
+                "Hypha server, or connect with a token from its web UI or generate_token) "
+                "and call again; the operator can admit visitors with "
+                "CONDA_ALLOW_ANONYMOUS=true."
+            )
         allowed = self.settings.authorized_workspaces
         if allowed and not caller.is_root and caller.workspace not in allowed:
             raise WorkspaceNotAuthorizedError(
@@ -308,23 +423,17 @@ class CondaWorker:
             )
         return caller
 
-    @staticmethod
-    def _owner(caller: Caller, config: Mapping[str, Any]) -> str:
-        """The workspace a new session belongs to: the caller's, or for the server's own
-        app controller (root), the app's workspace it names."""
-        if caller.is_root and config.get("workspace"):
-            return str(config["workspace"])
-        return caller.workspace
-
     def _session(self, session_id: str, context: Mapping[str, Any] | None) -> Session:
+        """The caller's session; the server finds one by the workspace in a
+        ``workspace/client_id`` id, the app controller's form."""
         caller = self._authorize(context)
         if not isinstance(session_id, str) or not session_id:
             raise CondaWorkerError("A session id (the string start() returned) is required.")
         try:
             return self.sessions.get(caller.workspace, session_id)
-        except CondaWorkerError:
-            if caller.is_root:
-                return self.sessions.find_any(session_id)
+        except SessionNotFoundError:
+            if caller.is_root and "/" in session_id:
+                return self.sessions.get(session_id.split("/", 1)[0], session_id)
             raise
 
     @staticmethod
@@ -336,36 +445,22 @@ class CondaWorker:
             )
         return session.kernel
 
-    def _app_env(self, config: Mapping[str, Any], workspace: str) -> dict[str, str]:
-        """What an app's code needs to talk back to Hypha (as the reference worker sets)."""
-        values = {
-            "HYPHA_SERVER_URL": config.get("server_url") or self.server_url,
-            "HYPHA_WORKSPACE": workspace,
-            "HYPHA_CLIENT_ID": config.get("client_id"),
-            "HYPHA_TOKEN": config.get("token"),
-            "HYPHA_APP_ID": config.get("app_id"),
-        }
-        return {key: str(value) for key, value in values.items() if value}
-
-    async def _entry_point(
-        self,
-        entry_point: str | None,
-        app_files: AppFiles | None,
-        progress: Callable,
-        session: Session,
-    ) -> str | None:
+    async def _read_entry_point(
+        self, session: Session, request: StartRequest, progress: Callable
+    ) -> None:
         """The code to run at start: the app's entry point file, read from the server."""
+        entry_point, app_files = request.entry_point, request.app_files
         if not entry_point:
-            return None
+            return
         if app_files is None:
             message = (
                 f"Ignoring entry_point '{entry_point}': this start names no app "
-                "(app_id, artifact_id or app_files_base_url), so there are no files "
-                "to read it from. The session starts without it."
+                "(app_id or artifact_id), so there are no files to read it from. The "
+                "session starts without it."
             )
             session.log.add("info", message)
             await progress({"type": "warning", "stage": "entry_point", "message": message})
-            return None
+            return
         await progress(
             {
                 "type": "info",
@@ -373,21 +468,15 @@ class CondaWorker:
                 "message": f"Reading entry point {entry_point}",
             }
         )
-        return await app_files.read_text(str(entry_point))
+        session.entry_code = await app_files.read_text(entry_point)
 
     async def _run_entry_point(
-        self,
-        session: Session,
-        entry_point: str,
-        code: str,
-        config: Mapping[str, Any],
-        progress: Callable,
+        self, session: Session, request: StartRequest, progress: Callable
     ) -> None:
+        assert session.kernel is not None and session.entry_code is not None
         await progress({"type": "info", "stage": "entry_point", "message": "Running entry point"})
-
-        timeout = config.get("timeout") or self.settings.kernel_start_timeout
         result = await session.kernel.execute(
-            code, timeout=float(timeout), output_callback=session.record_output
+            session.entry_code, timeout=request.entry_timeout, output_callback=session.record_output
         )
         if result.get("status") != "ok":
             error = result.get("error") or {}
@@ -397,7 +486,7 @@ class CondaWorker:
                 session.log.add("stderr", kernel_log)
                 traceback += f"\nLast lines of the kernel's own output:\n{kernel_log}"
             raise AppFileError(
-                f"The entry point '{entry_point}' raised "
+                f"The entry point '{request.entry_point}' raised "
                 f"{error.get('ename')}: {error.get('evalue')}\n{traceback}"
             )
 
@@ -415,39 +504,23 @@ class CondaWorker:
         await self._release(session, keep_record=False)
 
     async def _release(self, session: Session, *, keep_record: bool) -> None:
-        """Stop the kernel and delete the session's folders; never raises."""
+        """Stop the kernel, delete the session's folders, let go of its environment;
+        never raises."""
         kernel, session.kernel = session.kernel, None
         if kernel is not None:
             with contextlib.suppress(Exception):
                 await kernel.shutdown()
-        for folder in (session.workdir, session.runtime_dir):
-            await asyncio.to_thread(shutil.rmtree, folder, True)
+        if session.instance is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(session.instance.remove)
+        env, session.env = session.env, None
+        if env is not None:
+            with contextlib.suppress(Exception):
+                await env.release()
         if keep_record:
             return
         session.state = SessionState.STOPPED
         self.sessions.remove(session)
-
-
-def _session_id(raw: object) -> str:
-    if raw is None or raw == "":
-        return uuid.uuid4().hex
-    if not isinstance(raw, str) or len(raw) > MAX_SESSION_ID_LENGTH or "\0" in raw:
-        raise CondaWorkerError(
-            f"config['id'] must be a string of at most {MAX_SESSION_ID_LENGTH} characters."
-        )
-    return raw
-
-
-def _execute_timeout(config: Mapping[str, Any] | None, default: float | None) -> float | None:
-    raw = (config or {}).get("timeout", default)
-    if raw is None:
-        return None
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw <= 0:
-        raise CondaWorkerError(
-            f"config['timeout'] must be a positive number of seconds, got {raw!r}; "
-            "leave it out to let the cell run until it finishes."
-        )
-    return float(raw)
 
 
 def _platform() -> str:

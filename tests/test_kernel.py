@@ -1,7 +1,9 @@
 """Real kernels, no mocks: the behaviour sessions rely on, timed where time is the point.
 
 One kernel is shared by the tests that do not care about its state (module fixture);
-tests that kill, restart or wedge a kernel start their own.
+tests that kill, restart or wedge a kernel start their own. Kernels run in the bubblewrap
+sandbox, as sessions do, wherever this machine allows it (``CONDA_SANDBOX=auto``); the
+start-failure tests run fake interpreters directly.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
+from hypha_conda_plugin.instances import Instance
 from hypha_conda_plugin.kernel import (
     Kernel,
     KernelDiedError,
@@ -23,6 +26,7 @@ from hypha_conda_plugin.kernel import (
     KernelStartError,
 )
 from hypha_conda_plugin.outputs import strip_ansi
+from hypha_conda_plugin.sandbox import Sandbox, detect_sandbox
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -58,17 +62,53 @@ def _text(result: dict[str, Any], name: str = "stdout") -> str:
 
 
 @pytest.fixture(scope="module")
-def kernel_cwd(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("kernel-cwd")
+async def sandbox() -> Sandbox:
+    return await detect_sandbox("auto")
+
+
+def _confined(
+    sandbox: Sandbox, python: Path, folder: Path, env: dict[str, str], **options: Any
+) -> Kernel:
+    """A kernel as sessions get one: in an instance folder, inside the sandbox."""
+    instance = Instance(folder)
+    instance.create(None)
+    prefix = python.parent.parent
+
+    def wrap(argv: list[str]) -> list[str]:
+        return sandbox.command(
+            argv,
+            instance_root=instance.root,
+            tmp_dir=instance.tmp,
+            passwd_file=instance.passwd_file,
+            read_only=[prefix],
+            cwd=instance.work,
+        )
+
+    return Kernel(
+        python,
+        cwd=instance.work,
+        env=env,
+        runtime_dir=instance.kernel_dir,
+        wrap=wrap if sandbox.enabled else None,
+        **options,
+    )
 
 
 @pytest.fixture(scope="module")
-async def kernel(kernel_python: Path, kernel_cwd: Path) -> AsyncIterator[Kernel]:
-    k = Kernel(
+def kernel_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kernel-instance")
+
+
+@pytest.fixture(scope="module")
+async def kernel(
+    kernel_python: Path, kernel_folder: Path, sandbox: Sandbox
+) -> AsyncIterator[Kernel]:
+    k = _confined(
+        sandbox,
         kernel_python,
-        cwd=kernel_cwd,
-        env=_env(HYPHA_TEST_MARKER=MARKER),
-        log_path=kernel_cwd.parent / "shared-kernel.log",
+        kernel_folder,
+        _env(HYPHA_TEST_MARKER=MARKER),
+        log_path=kernel_folder.parent / "shared-kernel.log",
     )
     await k.start()
     yield k
@@ -76,9 +116,11 @@ async def kernel(kernel_python: Path, kernel_cwd: Path) -> AsyncIterator[Kernel]
 
 
 @pytest.fixture
-async def own_kernel(kernel_python: Path, tmp_path: Path) -> AsyncIterator[Kernel]:
+async def own_kernel(
+    kernel_python: Path, tmp_path: Path, sandbox: Sandbox
+) -> AsyncIterator[Kernel]:
     """A kernel a test may kill, wedge or restart; short interrupt grace keeps tests fast."""
-    k = Kernel(kernel_python, cwd=tmp_path, env=_env(), interrupt_grace=1.0)
+    k = _confined(sandbox, kernel_python, tmp_path / "i", _env(), interrupt_grace=1.0)
     await k.start()
     yield k
     await k.shutdown()
@@ -169,13 +211,13 @@ def test_strip_ansi() -> None:
 # ------------------------------------------------------------------ environment
 
 
-async def test_cwd_and_env_are_honoured(kernel: Kernel, kernel_cwd: Path) -> None:
+async def test_cwd_and_env_are_honoured(kernel: Kernel, kernel_folder: Path) -> None:
     result = await kernel.execute(
         "import os; print(os.getcwd()); print(os.environ['HYPHA_TEST_MARKER'])"
     )
     assert result["status"] == "ok", result
     cwd, marker = _text(result).splitlines()
-    assert Path(cwd).resolve() == kernel_cwd.resolve()
+    assert Path(cwd) == Instance(kernel_folder).work
     assert marker == MARKER
 
 
@@ -331,27 +373,53 @@ async def test_restart_during_cell_returns_error(own_kernel: Kernel) -> None:
     assert queued["execution_count"] == 1
 
 
-async def test_shutdown_leaves_no_process_behind(kernel_python: Path, tmp_path: Path) -> None:
-    k = Kernel(kernel_python, cwd=tmp_path, env=_env())
+def _pid_of(cmdline: list[str]) -> int | None:
+    """The host pid of the process running exactly ``cmdline`` (pids inside the sandbox
+    are those of its own namespace, so a cell cannot tell us)."""
+    for process in psutil.process_iter(["cmdline"]):
+        if process.info["cmdline"] == cmdline:
+            return process.pid
+    return None
+
+
+@pytest.mark.parametrize("confined", [True, False], ids=["sandbox", "plain"])
+async def test_shutdown_leaves_no_process_behind(
+    kernel_python: Path, tmp_path: Path, sandbox: Sandbox, confined: bool
+) -> None:
+    k = (
+        _confined(sandbox, kernel_python, tmp_path / "i", _env())
+        if confined
+        else Kernel(kernel_python, cwd=tmp_path, env=_env())
+    )
     await k.start()
-    # A grandchild that ignores SIGINT/SIGTERM: only the group SIGKILL ends it.
+    # A grandchild in a session of its own that ignores SIGINT/SIGTERM/SIGHUP: only the
+    # group SIGKILL (or the sandbox's PID namespace going away) ends it.
+    duration = f"1000.{os.getpid()}{time.monotonic_ns() % 10**6}"
     result = await k.execute(
         "import subprocess\n"
-        "p = subprocess.Popen(['sh', '-c', \"trap '' INT TERM HUP; exec sleep 1000\"])\n"
-        "print(p.pid)"
+        "p = subprocess.Popen(['sh', '-c', \"trap '' INT TERM HUP; exec sleep "
+        + duration
+        + '"])\nprint(p.pid)'
     )
-    child = int(_text(result))
+    assert result["status"] == "ok", result
+    child = None
+    for _ in range(50):
+        child = _pid_of(["sleep", duration])
+        if child:
+            break
+        await asyncio.sleep(0.05)
     kernel_pid = k.pid
     private = k._private_dir
-    assert kernel_pid is not None and private is not None
+    assert child is not None and kernel_pid is not None and private is not None
     assert not _gone(child) and not _gone(kernel_pid)
 
     await k.shutdown()
     await k.shutdown()  # idempotent
     assert await _wait_gone(kernel_pid)
     assert await _wait_gone(child)
-    assert not private.exists()
     assert not k.is_alive and k.pid is None
+    if not confined:  # its own temporary folder; an instance's folder is its owner's
+        assert not private.exists()
     with pytest.raises(KernelDiedError):
         await k.execute("1")
 

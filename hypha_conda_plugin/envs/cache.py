@@ -16,7 +16,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,9 @@ class CachedEnv:
     def python(self) -> Path:
         return self.prefix / "bin" / "python"
 
+    async def release(self) -> None:
+        """The session no longer uses the environment (leases come with eviction)."""
+
 
 class EnvCache:
     def __init__(
@@ -53,12 +56,15 @@ class EnvCache:
         channel_alias: str | None,
         platform: str,
         pip_timeout: float,
+        finish: Callable[[Path, Progress], Awaitable[None]] | None = None,
     ) -> None:
+        """``finish`` completes a built environment before it is marked ready (bytecode)."""
         self.envs_dir = envs_dir
         self.builder = builder
         self.channel_alias = channel_alias
         self.platform = platform
         self.pip_timeout = pip_timeout
+        self.finish = finish
         self._locks: dict[str, asyncio.Lock] = {}
 
     def key_for(self, spec: EnvSpec) -> str:
@@ -105,6 +111,8 @@ class EnvCache:
         try:
             result = await self.builder.build(spec, prefix, progress)
             await install_pip_packages(prefix, spec.pip, progress, self.pip_timeout)
+            if self.finish is not None:
+                await self.finish(prefix, progress)
             await asyncio.to_thread(self._mark_ready, prefix, spec, result.packages)
         except BaseException:
             # Failed or cancelled: leave nothing that could be mistaken for an environment.

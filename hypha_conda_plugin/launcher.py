@@ -1,0 +1,117 @@
+"""Starting a kernel in an instance folder: sandbox, environment variables, limits.
+
+The one place that knows how a kernel of a session is started, used for fresh starts and
+for the warm pool alike, so a pooled kernel is started exactly as a fresh one would be.
+Only what every session shares goes into the launch (no app token, no session id):
+session-specific variables are applied by :func:`session_bootstrap` before any user code
+runs, on fresh and pooled kernels the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from hypha_conda_plugin.childenv import clean_env
+from hypha_conda_plugin.instances import RUN_MARKER_VARIABLE, Instance
+from hypha_conda_plugin.kernel import Kernel
+from hypha_conda_plugin.sandbox import Sandbox, child_setup
+
+_PYTHON_DIR = re.compile(r"^python(\d+\.\d+)$")
+
+
+class KernelLauncher:
+    """Starts kernels for one worker run: every kernel gets the same confinement."""
+
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        *,
+        run_id: str,
+        start_timeout: float,
+        memory_limit: int | None = None,
+    ) -> None:
+        self.sandbox = sandbox
+        self.run_id = run_id
+        self.start_timeout = start_timeout
+        self.memory_limit = memory_limit
+        self._python_versions: dict[Path, str | None] = {}
+
+    async def start(self, instance: Instance, prefix: Path) -> Kernel:
+        """Create the instance's folders and start a kernel in them, confined."""
+        version = await self._python_version(prefix)
+        await asyncio.to_thread(instance.create, version)
+        kernel = self.kernel_for(instance, prefix)
+        await kernel.start(timeout=self.start_timeout)
+        return kernel
+
+    async def warm_bytecode(self, instance: Instance, prefix: Path) -> None:
+        """Start and stop one kernel with the environment writable, so the bytecode of
+        everything a kernel imports at start is written into it (see envs/bytecode.py).
+        Confined like any kernel: the environment's own code runs here."""
+        version = await self._python_version(prefix)
+        await asyncio.to_thread(instance.create, version)
+        kernel = self.kernel_for(instance, prefix, writable_env=True)
+        try:
+            await kernel.start(timeout=self.start_timeout)
+        finally:
+            await kernel.shutdown()
+            await asyncio.to_thread(instance.remove)
+
+    def kernel_for(self, instance: Instance, prefix: Path, *, writable_env: bool = False) -> Kernel:
+        """The (not yet started) kernel of an instance whose folders exist."""
+        env = clean_env(prefix, extra={**instance.kernel_env(), RUN_MARKER_VARIABLE: self.run_id})
+        # A session's own `pip install` lands in its user site (see Instance.kernel_env).
+        env.pop("PYTHONNOUSERSITE", None)
+
+        def wrap(argv: list[str]) -> list[str]:
+            return self.sandbox.command(
+                argv,
+                instance_root=instance.root,
+                tmp_dir=instance.tmp,
+                passwd_file=instance.passwd_file,
+                read_only=[] if writable_env else [prefix],
+                read_write=[prefix] if writable_env else [],
+                cwd=instance.work,
+            )
+
+        return Kernel(
+            prefix / "bin" / "python",
+            cwd=instance.work,
+            env=env,
+            log_path=instance.kernel_dir / "kernel.log",
+            runtime_dir=instance.kernel_dir,
+            wrap=wrap if self.sandbox.enabled else None,
+            preexec_fn=child_setup(self.memory_limit, die_with_parent=not self.sandbox.enabled),
+        )
+
+    async def _python_version(self, prefix: Path) -> str | None:
+        if prefix not in self._python_versions:
+            self._python_versions[prefix] = await asyncio.to_thread(python_version, prefix)
+        return self._python_versions[prefix]
+
+
+def python_version(prefix: Path) -> str | None:
+    """``3.11`` for an environment with ``lib/python3.11``; None when there is none."""
+    try:
+        names = [p.name for p in (prefix / "lib").iterdir()]
+    except OSError:
+        return None
+    for name in sorted(names, reverse=True):
+        match = _PYTHON_DIR.match(name)
+        if match:
+            return match.group(1)
+    return None
+
+
+def session_bootstrap(variables: Mapping[str, str]) -> str:
+    """Code that gives a started kernel its session's variables (``HYPHA_*`` of an app).
+
+    Run silently before any user code, so the session's code, and every process it
+    starts, sees them exactly as if the kernel had been launched with them.
+    """
+    payload = json.dumps(dict(variables))
+    return f"import os as _o, json as _j\n_o.environ.update(_j.loads({payload!r}))\ndel _o, _j\n"
