@@ -244,6 +244,9 @@ class Kernel:
         provisioner = self._km.provisioner if self._km is not None else None
         return getattr(provisioner, "process", None)
 
+    def _exit_words(self, returncode: int | None) -> str:
+        return _describe_exit(returncode, wrapped=self._wrap is not None)
+
     @property
     def _actual_log_path(self) -> Path:
         assert self._private_dir is not None
@@ -361,7 +364,7 @@ class Kernel:
         if not self.is_alive:
             process = self._process()
             returncode = process.returncode if process is not None else None
-            reason = f"the kernel process exited ({_describe_exit(returncode, wrapped=self._wrap is not None)})"
+            reason = f"the kernel process exited ({self._exit_words(returncode)})"
         tail = await self.log_tail()
         message = f"The kernel ({self._python}) did not start: {reason}."
         if tail:
@@ -427,7 +430,7 @@ class Kernel:
             raise KernelDiedError("The kernel has been shut down.")
         if process.poll() is not None:
             raise KernelDiedError(
-                f"The kernel is not running ({_describe_exit(process.returncode, wrapped=self._wrap is not None)}); "
+                f"The kernel is not running ({self._exit_words(process.returncode)}); "
                 "restart it to continue."
             )
         return self._client, process
@@ -528,7 +531,7 @@ class Kernel:
             message = f"The kernel was {reason} while this cell was running."
         else:
             message = (
-                f"The kernel died while running this cell ({_describe_exit(process.poll(), wrapped=self._wrap is not None)}). "
+                f"The kernel died while running this cell ({self._exit_words(process.poll())}). "
                 "Its state is lost; restart the kernel to continue."
             )
         return cell.failure("KernelDied", message)

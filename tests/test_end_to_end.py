@@ -149,7 +149,7 @@ async def test_timeout_interrupts_and_session_survives(conda_worker, ready_sessi
 
 async def test_bad_timeout_is_refused_with_a_clear_message(conda_worker, ready_session):
     with pytest.raises(
-        Exception, match="must be a positive number of seconds up to .*, got 'soon'"
+        Exception, match=r"must be a positive number of seconds up to .*, got 'soon'"
     ):
         await conda_worker.execute(ready_session, "1", config={"timeout": "soon"})
     with pytest.raises(Exception, match="positive number"):
