@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ def test_in_server_defaults_register_publicly_as_conda_worker():
     assert settings.service_id == "conda-worker"
     assert settings.visibility == "public"
     assert settings.cache_dir == Path("~/.hypha_conda_cache").expanduser().resolve()
-    assert settings.working_dir.name.startswith("hypha_sessions_")
+    # Stable, so a worker restarted after a crash sweeps what the dead one left.
+    assert settings.working_dir == Settings.from_env({}).working_dir
+    assert settings.working_dir.name == f"hypha_conda_sessions_{os.getuid()}"
     assert settings.authorized_workspaces == ()
 
 

@@ -21,13 +21,13 @@ def test_environment_yml_shape_with_pip_item():
     assert spec.conda == ("python=3.11", "numpy", "ipykernel", "pip")
     assert spec.pip == ("requests==2.32.3",)
     assert spec.channels == ("conda-forge",)
-    assert spec.added == ("ipykernel", "pip")  # pip itself, to install the pip item
+    assert spec.added == ("ipykernel", "pip")  # pip: the pip item, and %pip in sessions
 
 
 def test_kernel_and_app_packages_are_added_once():
-    assert EnvSpec.from_manifest({"dependencies": ["ipykernel>=6"]}).added == ("python",)
+    assert EnvSpec.from_manifest({"dependencies": ["ipykernel>=6", "pip"]}).added == ("python",)
     app = EnvSpec.from_manifest({"dependencies": ["python"]}, for_app=True)
-    assert app.added == ("ipykernel", "hypha-rpc")
+    assert app.added == ("ipykernel", "pip", "hypha-rpc")
 
 
 def test_key_ignores_order_and_duplicates_but_not_channel_order():

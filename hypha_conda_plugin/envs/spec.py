@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from hypha_conda_plugin.errors import ManifestError
 
-KERNEL_PACKAGES = ("ipykernel",)
+# pip: a session's own `%pip install` (into its private user site) must work.
+KERNEL_PACKAGES = ("ipykernel", "pip")
 APP_PACKAGES = ("hypha-rpc",)
 KEY_VERSION = 1
 
@@ -79,7 +80,7 @@ class EnvSpec:
         conda, pip = cls._split_dependencies(manifest.get("dependencies"))
         channels = cls._channels(manifest.get("channels"), default_channels)
         present = {_package_name(spec) for spec in conda}
-        required = KERNEL_PACKAGES + (APP_PACKAGES if for_app else ()) + (("pip",) if pip else ())
+        required = KERNEL_PACKAGES + (APP_PACKAGES if for_app else ())
         added = tuple(name for name in required if name not in present)
         if "python" not in present and "python" not in added:
             added = ("python", *added)
