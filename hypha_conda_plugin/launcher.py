@@ -42,7 +42,7 @@ class KernelLauncher:
 
     async def start(self, instance: Instance, prefix: Path) -> Kernel:
         """Create the instance's folders and start a kernel in them, confined."""
-        version = await self._python_version(prefix)
+        version = await self.python_version_of(prefix)
         await asyncio.to_thread(instance.create, version)
         kernel = self.kernel_for(instance, prefix)
         await kernel.start(timeout=self.start_timeout)
@@ -52,7 +52,7 @@ class KernelLauncher:
         """Start and stop one kernel with the environment writable, so the bytecode of
         everything a kernel imports at start is written into it (see envs/bytecode.py).
         Confined like any kernel: the environment's own code runs here."""
-        version = await self._python_version(prefix)
+        version = await self.python_version_of(prefix)
         await asyncio.to_thread(instance.create, version)
         kernel = self.kernel_for(instance, prefix, writable_env=True)
         try:
@@ -88,7 +88,8 @@ class KernelLauncher:
             preexec_fn=child_setup(self.memory_limit, die_with_parent=not self.sandbox.enabled),
         )
 
-    async def _python_version(self, prefix: Path) -> str | None:
+    async def python_version_of(self, prefix: Path) -> str | None:
+        """The environment's ``3.X`` (cached: environments do not change)."""
         if prefix not in self._python_versions:
             self._python_versions[prefix] = await asyncio.to_thread(python_version, prefix)
         return self._python_versions[prefix]

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from hypha_conda_plugin.kernel import Kernel
 
 LOG_TYPES = ("stdout", "stderr", "info", "error", "progress")
-#: Failed sessions are kept so their logs can explain the failure; this many at most.
+#: Ended sessions (failed, or stopped by the worker) are kept so their logs can explain
+#: why; this many at most.
 MAX_FAILED_KEPT = 20
 
 
@@ -75,6 +76,15 @@ class Session:
     start_task: asyncio.Task | None = None
     #: The app's entry point code, between reading it and running it at start.
     entry_code: str | None = None
+    #: Started by the server's app controller (whose own life cycle governs it).
+    from_server: bool = False
+    #: ``time.monotonic()`` of the start or the last execute, for the idle timeout.
+    last_activity: float = field(default_factory=time.monotonic)
+
+    @property
+    def ended(self) -> bool:
+        """A record kept for its logs only (it failed, or the worker stopped it)."""
+        return self.state in (SessionState.FAILED, SessionState.STOPPED)
 
     @property
     def workdir(self) -> Path | None:
@@ -113,7 +123,7 @@ class SessionManager:
     def create(self, workspace: str, session_id: str, app_id: str | None) -> Session:
         key = (workspace, session_id)
         existing = self._sessions.get(key)
-        if existing and existing.state not in (SessionState.FAILED, SessionState.STOPPED):
+        if existing and not existing.ended:
             raise SessionExistsError(
                 f"Session '{session_id}' is already {existing.state.value} in workspace "
                 f"'{workspace}'. Stop it first or start with another id."
@@ -129,8 +139,8 @@ class SessionManager:
         return session
 
     def _forget_old_failures(self) -> None:
-        failed = [s for s in self._sessions.values() if s.state == SessionState.FAILED]
-        for session in sorted(failed, key=lambda s: s.created_at)[: -MAX_FAILED_KEPT or None]:
+        ended = [s for s in self._sessions.values() if s.ended]
+        for session in sorted(ended, key=lambda s: s.created_at)[: -MAX_FAILED_KEPT or None]:
             self.remove(session)
 
     def get(self, workspace: str, session_id: str) -> Session:
@@ -152,7 +162,5 @@ class SessionManager:
     def count(self, workspace: str | None = None) -> int:
         """Sessions that hold resources (not failed records kept for their logs)."""
         return sum(
-            1
-            for (ws, _), s in self._sessions.items()
-            if workspace in (None, ws) and s.state != SessionState.FAILED
+            1 for (ws, _), s in self._sessions.items() if workspace in (None, ws) and not s.ended
         )

@@ -84,6 +84,13 @@ class Settings(BaseModel):
     kernel_start_timeout: float = Field(default=120.0, gt=0)
     sandbox: Literal["auto", "bwrap", "off"] = "auto"
     session_memory_limit: int | None = None
+    kernel_pool_size: int = Field(default=2, ge=0, le=64)
+    kernel_pool_idle: float = Field(default=600.0, gt=0)
+
+    # What one worker holds at most (a shared server's defaults).
+    max_sessions: int = Field(default=50, ge=1)
+    max_sessions_per_workspace: int = Field(default=10, ge=1)
+    idle_timeout: float | None = Field(default=3600.0, gt=0)
     default_execute_timeout: float | None = Field(default=None, gt=0)
     max_log_entries: int = Field(default=10_000, ge=100)
 
@@ -91,6 +98,13 @@ class Settings(BaseModel):
     allow_anonymous: bool = False
 
     verbose: bool = False
+
+    @field_validator("idle_timeout", mode="before")
+    @classmethod
+    def _optional_seconds(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("", "0", "none", "off"):
+            return None
+        return None if value == 0 else value
 
     @field_validator("session_memory_limit", mode="before")
     @classmethod
@@ -146,6 +160,11 @@ class Settings(BaseModel):
             "sandbox": "CONDA_SANDBOX",
             "session_memory_limit": "CONDA_SESSION_MEMORY_LIMIT",
             "allow_anonymous": "CONDA_ALLOW_ANONYMOUS",
+            "kernel_pool_size": "CONDA_KERNEL_POOL_SIZE",
+            "kernel_pool_idle": "CONDA_KERNEL_POOL_IDLE",
+            "max_sessions": "CONDA_MAX_SESSIONS",
+            "max_sessions_per_workspace": "CONDA_MAX_SESSIONS_PER_WORKSPACE",
+            "idle_timeout": "CONDA_IDLE_TIMEOUT",
         }
         for field, variable in optional.items():
             if env.get(variable):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from hypha_conda_plugin.errors import (
     AppFileError,
     CondaWorkerError,
     ConfigError,
+    QuotaExceededError,
     SessionNotFoundError,
     SessionStateError,
     WorkspaceNotAuthorizedError,
@@ -34,6 +36,7 @@ from hypha_conda_plugin.errors import (
 from hypha_conda_plugin.instances import WorkingRoot
 from hypha_conda_plugin.kernel import Kernel
 from hypha_conda_plugin.launcher import KernelLauncher, session_bootstrap
+from hypha_conda_plugin.pool import KernelPool
 from hypha_conda_plugin.sandbox import Sandbox, detect_sandbox, make_worker_non_dumpable
 from hypha_conda_plugin.sessions import LOG_TYPES, Session, SessionManager, SessionState
 from hypha_conda_plugin.settings import SUPPORTED_APP_TYPE, Settings
@@ -108,6 +111,7 @@ class CondaWorker:
         self.root = WorkingRoot(settings.working_dir)
         self.sandbox: Sandbox | None = None
         self.launcher: KernelLauncher | None = None
+        self.pool: KernelPool | None = None
         self._prepared: asyncio.Task[None] | None = None
 
     async def prepare(self) -> Sandbox:
@@ -146,7 +150,17 @@ class CondaWorker:
             start_timeout=self.settings.kernel_start_timeout,
             memory_limit=self.settings.session_memory_limit,
         )
+        self.pool = KernelPool(
+            self.launcher,
+            self.root,
+            size=self.settings.kernel_pool_size,
+            idle_seconds=self.settings.kernel_pool_idle,
+            has_room=lambda: (
+                self.sessions.count() + self.pool.warm_count < self.settings.max_sessions
+            ),
+        )
         self.sandbox = sandbox
+        self._spawn(self._housekeeping())
 
     async def _finish_environment(self, prefix: Path, progress: Progress) -> None:
         """Make a freshly built environment complete: the bytecode a kernel needs now,
@@ -209,9 +223,11 @@ class CondaWorker:
             settings=self.settings,
         )
         sandbox = await self.prepare()
+        self._check_quota(request.workspace, request.session_id)
         session = self.sessions.create(request.workspace, request.session_id, request.app_id)
         session.start_task = asyncio.current_task()
         session.isolation = sandbox.isolation.mode
+        session.from_server = caller.is_root
         callback = request.progress_callback
 
         async def progress(message: dict[str, Any]) -> None:
@@ -247,6 +263,8 @@ class CondaWorker:
         session.start_task = None
         session.entry_code = None
         session.state = SessionState.READY
+        session.last_activity = time.monotonic()
+        self._keep_warm(request)
         await progress(
             {
                 "type": "success",
@@ -260,17 +278,24 @@ class CondaWorker:
     async def _start_kernel(
         self, session: Session, request: StartRequest, progress: Callable
     ) -> None:
-        """A kernel in a fresh instance folder; staging and the entry point's download
-        run while it boots."""
-        assert self.launcher is not None and session.env is not None
-        instance = self.root.new_instance()
-        session.instance = instance
-        prefix = session.env.prefix
-        await progress({"type": "info", "stage": "kernel", "message": "Starting kernel"})
-        version = await self.launcher._python_version(prefix)
-        await asyncio.to_thread(instance.create, version)
-        session.kernel = self.launcher.kernel_for(instance, prefix)
-        jobs = [session.kernel.start(timeout=self.settings.kernel_start_timeout)]
+        """A warm kernel from the pool, or one started in a fresh instance folder while
+        staging and the entry point's download run."""
+        assert self.launcher is not None and self.pool is not None and session.env is not None
+        jobs: list[Awaitable[Any]] = []
+        warm = self.pool.take(session.env.key)
+        if warm is not None:
+            session.instance, session.kernel = warm.instance, warm.kernel
+            await warm.lease.release()  # the session holds a lease of its own
+            await progress({"type": "info", "stage": "kernel", "message": "Using a warm kernel"})
+        else:
+            session.instance = self.root.new_instance()
+            prefix = session.env.prefix
+            await progress({"type": "info", "stage": "kernel", "message": "Starting kernel"})
+            version = await self.launcher.python_version_of(prefix)
+            await asyncio.to_thread(session.instance.create, version)
+            session.kernel = self.launcher.kernel_for(session.instance, prefix)
+            jobs.append(session.kernel.start(timeout=self.settings.kernel_start_timeout))
+        instance = session.instance
         if request.stage_rules:
             assert request.app_files is not None
             jobs.append(
@@ -283,6 +308,74 @@ class CondaWorker:
             )
         jobs.append(self._read_entry_point(session, request, progress))
         await gather_or_cancel(jobs)
+
+    def _keep_warm(self, request: StartRequest) -> None:
+        """Sessions start on this environment: keep kernels of it warm for the next."""
+        assert self.pool is not None
+
+        async def lease() -> Any:
+            return await self.envs.acquire(request.spec, _quiet)
+
+        self.pool.want(self.envs.key_for(request.spec), lease)
+
+    def _check_quota(self, workspace: str, session_id: str) -> None:
+        """Refuse a start beyond the worker's session limits; make room among warm
+        kernels first (they are only a cache)."""
+        settings = self.settings
+        with contextlib.suppress(SessionNotFoundError):
+            if not self.sessions.get(workspace, session_id).ended:
+                return  # a duplicate id: create() explains that better
+        if self.sessions.count(workspace) >= settings.max_sessions_per_workspace:
+            raise QuotaExceededError(
+                f"Workspace '{workspace}' already has {self.sessions.count(workspace)} sessions "
+                f"on this worker, the most it allows (CONDA_MAX_SESSIONS_PER_WORKSPACE="
+                f"{settings.max_sessions_per_workspace}). Stop one you no longer need "
+                "(list_sessions() shows them) and start again."
+            )
+        if self.sessions.count() >= settings.max_sessions:
+            raise QuotaExceededError(
+                f"This worker runs {self.sessions.count()} sessions, the most it allows "
+                f"(CONDA_MAX_SESSIONS={settings.max_sessions}). Try again later or use "
+                "another worker."
+            )
+        assert self.pool is not None
+        while self.sessions.count() + self.pool.warm_count >= settings.max_sessions:
+            if not self.pool.evict_one():
+                break
+
+    async def _housekeeping(self) -> None:
+        """Periodic chores: stop idle sessions, let idle warm kernels go."""
+        timeout = self.settings.idle_timeout
+        period = min(30.0, timeout / 4) if timeout else 30.0
+        period = min(period, self.settings.kernel_pool_idle / 4)
+        while True:
+            await asyncio.sleep(period)
+            if self.pool is not None:
+                self.pool.shrink()
+            if timeout:
+                await self._stop_idle_sessions(timeout)
+
+    async def _stop_idle_sessions(self, timeout: float) -> None:
+        """Direct sessions nobody executed in for ``timeout`` seconds (a client that went
+        away); apps are the app controller's to stop."""
+        now = time.monotonic()
+        idle = [
+            s
+            for s in self.sessions.list()
+            if s.state == SessionState.READY
+            and not s.from_server
+            and s.running == 0
+            and now - s.last_activity > timeout
+        ]
+        for session in idle:
+            message = (
+                f"Stopped after {timeout:g} s without an execute (CONDA_IDLE_TIMEOUT); "
+                "start a new session to continue."
+            )
+            session.log.add("info", message)
+            session.error = message
+            logger.info("Session %s/%s %s", session.workspace, session.id, message)
+            await self._stop_session(session, keep_record=True)
 
     async def _bootstrap(self, session: Session, variables: Mapping[str, str]) -> None:
         """Give the kernel its session's variables before any user code runs."""
@@ -324,11 +417,13 @@ class CondaWorker:
             await notify(output_callback, item)
 
         session.running += 1
+        session.last_activity = time.monotonic()
         session.state = SessionState.BUSY
         try:
             result = await kernel.execute(script, timeout=timeout, output_callback=on_output)
         finally:
             session.running -= 1
+            session.last_activity = time.monotonic()
             if session.state == SessionState.BUSY and session.running == 0:
                 session.state = SessionState.READY
         session.executions += 1
@@ -397,8 +492,11 @@ class CondaWorker:
     async def close(self) -> None:
         """Stop every session and remove this run's folders (in-process: worker exit)."""
         await asyncio.gather(
-            *(self._stop_session(s) for s in self.sessions.list()), return_exceptions=True
+            *(self._stop_session(s) for s in self.sessions.list() if not s.ended),
+            return_exceptions=True,
         )
+        if self.pool is not None:
+            await self.pool.close()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -490,8 +588,9 @@ class CondaWorker:
                 f"{error.get('ename')}: {error.get('evalue')}\n{traceback}"
             )
 
-    async def _stop_session(self, session: Session) -> None:
-        """The one way a session ends on request (stop, worker shutdown)."""
+    async def _stop_session(self, session: Session, *, keep_record: bool = False) -> None:
+        """The one way a session ends on request (stop, worker shutdown, idle timeout);
+        ``keep_record`` keeps it listed, stopped, so its logs can say why."""
         if session.state == SessionState.STOPPING:
             return
         starting = session.start_task if session.state == SessionState.STARTING else None
@@ -501,7 +600,9 @@ class CondaWorker:
             # releasing, or it would go on and launch a kernel nobody owns.
             starting.cancel()
             await asyncio.wait({starting})
-        await self._release(session, keep_record=False)
+        await self._release(session, keep_record=keep_record)
+        if keep_record:
+            session.state = SessionState.STOPPED
 
     async def _release(self, session: Session, *, keep_record: bool) -> None:
         """Stop the kernel, delete the session's folders, let go of its environment;
@@ -521,6 +622,10 @@ class CondaWorker:
             return
         session.state = SessionState.STOPPED
         self.sessions.remove(session)
+
+
+async def _quiet(_: dict[str, Any]) -> None:
+    """Progress of the worker's own background work: nobody is listening."""
 
 
 def _platform() -> str:
