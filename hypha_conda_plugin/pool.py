@@ -97,6 +97,10 @@ class KernelPool:
     def warm_count(self) -> int:
         return sum(len(p.ready) + p.starting for p in self._pools.values())
 
+    def ready_counts(self) -> dict[str, int]:
+        """Warm kernels ready to be handed out, per environment key."""
+        return {key: len(pool.ready) for key, pool in self._pools.items() if pool.ready}
+
     def take(self, key: str) -> WarmKernel | None:
         """A warm kernel of environment ``key`` for one session, or None.
 

@@ -83,7 +83,8 @@ class Settings(BaseModel):
     # How kernels run.
     kernel_start_timeout: float = Field(default=120.0, gt=0)
     sandbox: Literal["auto", "bwrap", "off"] = "auto"
-    session_memory_limit: int | None = None
+    # Address space of each kernel process (RLIMIT_AS): Python raises MemoryError past it.
+    session_memory_limit: int | None = 8 * 1024**3
     kernel_pool_size: int = Field(default=2, ge=0, le=64)
     kernel_pool_idle: float = Field(default=600.0, gt=0)
 

@@ -207,6 +207,7 @@ class CondaWorker:
             "restart": self.restart,
             "list_sessions": self.list_sessions,
             "get_session_info": self.get_session_info,
+            "get_status": self.get_status,
             "compile": self.compile,
             "shutdown": self.shutdown,
         }
@@ -468,6 +469,20 @@ class CondaWorker:
     async def list_sessions(self, context: dict | None = None) -> list[dict[str, Any]]:
         caller = self._authorize(context)
         return [s.info() for s in self.sessions.list(None if caller.is_root else caller.workspace)]
+
+    async def get_status(self, context: dict | None = None) -> dict[str, Any]:
+        """How this worker is doing: isolation, sessions (all and the caller's), kernels
+        waiting in the pool. Nothing of other workspaces' sessions beyond a count."""
+        caller = self._authorize(context)
+        return {
+            "version": __version__,
+            "isolation": self.sandbox.isolation.describe() if self.sandbox else None,
+            "sessions": self.sessions.count(),
+            "sessions_of_caller": self.sessions.count(caller.workspace),
+            "max_sessions": self.settings.max_sessions,
+            "max_sessions_per_workspace": self.settings.max_sessions_per_workspace,
+            "warm_kernels": self.pool.ready_counts() if self.pool else {},
+        }
 
     async def get_session_info(self, session_id: str, context: dict | None = None) -> dict:
         return self._session(session_id, context).info()
