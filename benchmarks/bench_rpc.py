@@ -29,6 +29,7 @@ from hypha_conda_plugin.settings import Settings  # noqa: E402
 from hypha_conda_plugin.worker import CondaWorker  # noqa: E402
 
 MANIFEST = {"dependencies": ["python", "numpy", "pandas"]}
+CTX = {"ws": "bench", "user": {"id": "bench-user"}}
 
 
 def rss_mb(pid: int) -> float:
@@ -36,6 +37,15 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def tree_rss_mb(pid: int) -> float:
+    """RSS of a process and all its descendants: a sandboxed kernel is the bwrap
+    process that was launched, bwrap's init inside the sandbox, and the kernel."""
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
 
 
 def server_pid(port: int) -> int:
@@ -74,14 +84,18 @@ async def main() -> None:
         local = CondaWorker(
             Settings(cache_dir=root / "c1", working_dir=root / "w1", channel_alias=alias)
         )
-        await local.start({"id": "local", "manifest": MANIFEST})
-        in_process = await median_ms(lambda: local.execute("local", "1 + 1"), args.executes)
-        await local.stop("local")
+        await local.start({"id": "local", "manifest": MANIFEST}, context=CTX)
+        in_process = await median_ms(
+            lambda: local.execute("local", "1 + 1", context=CTX), args.executes
+        )
+        await local.stop("local", context=CTX)
+        await local.close()
 
         plugin_env = {
             "CONDA_CHANNEL_ALIAS": alias,
             "CONDA_CACHE_DIR": str(root / "c2"),
             "CONDA_WORKING_DIR": str(root / "w2"),
+            "CONDA_KERNEL_POOL_SIZE": "0",  # the server's RSS without warm kernels' share
         }
         async with LocalServer(
             root / "srv", s3=False, server_apps=False, plugin_env=plugin_env
@@ -100,10 +114,10 @@ async def main() -> None:
             after = rss_mb(pid)
             over_rpc = await median_ms(lambda: worker.execute(ids[0], "1 + 1"), args.executes)
             kernel_pids = [(await worker.get_session_info(i))["kernel_pid"] for i in ids]
-            bare_kernel = statistics.median(rss_mb(p) for p in kernel_pids)
+            bare_kernel = statistics.median(tree_rss_mb(p) for p in kernel_pids)
             for session_id in ids:
                 await worker.execute(session_id, "import numpy, pandas")
-            loaded_kernel = statistics.median(rss_mb(p) for p in kernel_pids)
+            loaded_kernel = statistics.median(tree_rss_mb(p) for p in kernel_pids)
             for session_id in ids:
                 await worker.stop(session_id)
             await api.disconnect()

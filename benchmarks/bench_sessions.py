@@ -38,6 +38,8 @@ from hypha_conda_plugin.worker import CondaWorker  # noqa: E402
 
 PACKAGES = ["numpy", "pandas"]
 MANIFEST = {"dependencies": ["python", *PACKAGES]}
+#: The worker serves callers Hypha names; in-process calls say who they act for.
+CTX = {"ws": "bench", "user": {"id": "bench-user"}}
 
 
 async def quiet(_: dict) -> None:
@@ -74,8 +76,14 @@ async def timed(action: Callable[[], Awaitable[object]]) -> float:
 
 
 def worker_for(root: Path, alias: str) -> CondaWorker:
+    # No warm kernels: these rows measure a kernel start (bench_starts.py has the pool).
     return CondaWorker(
-        Settings(cache_dir=root / "cache", working_dir=root / "sessions", channel_alias=alias)
+        Settings(
+            cache_dir=root / "cache",
+            working_dir=root / "sessions",
+            channel_alias=alias,
+            kernel_pool_size=0,
+        )
     )
 
 
@@ -143,11 +151,16 @@ async def kernel_rows(alias: str, runs: int, executes: int) -> list[tuple]:
         for run in range(runs):
             sid = f"bench-{run}"
             start.append(
-                await timed(lambda sid=sid: worker.start({"id": sid, "manifest": MANIFEST}))
+                await timed(
+                    lambda sid=sid: worker.start({"id": sid, "manifest": MANIFEST}, context=CTX)
+                )
             )
             for _ in range(executes):
-                execute.append(await timed(lambda sid=sid: worker.execute(sid, "1 + 1")))
-            stop.append(await timed(lambda sid=sid: worker.stop(sid)))
+                execute.append(
+                    await timed(lambda sid=sid: worker.execute(sid, "1 + 1", context=CTX))
+                )
+            stop.append(await timed(lambda sid=sid: worker.stop(sid, context=CTX)))
+        await worker.close()
 
         # Baseline: the same cell through a bare jupyter_client kernel of the same env.
         envs = (Path(tmp) / "cache" / "envs").iterdir()
@@ -191,9 +204,10 @@ async def loop_rows(alias: str) -> list[tuple]:
     with tempfile.TemporaryDirectory() as tmp:
         worker = worker_for(Path(tmp), alias)
         with LagProbe() as busy:
-            await worker.start({"id": "lag", "manifest": MANIFEST})
-            await worker.execute("lag", "sum(range(10**6))")
-            await worker.stop("lag")
+            await worker.start({"id": "lag", "manifest": MANIFEST}, context=CTX)
+            await worker.execute("lag", "sum(range(10**6))", context=CTX)
+            await worker.stop("lag", context=CTX)
+        await worker.close()
     rows = []
     for label, probe in (
         ("idle loop (baseline)", idle),
