@@ -18,7 +18,7 @@ from pathlib import Path
 from hypha_conda_plugin.childenv import clean_env
 from hypha_conda_plugin.instances import RUN_MARKER_VARIABLE, Instance
 from hypha_conda_plugin.kernel import Kernel
-from hypha_conda_plugin.sandbox import Sandbox, child_setup
+from hypha_conda_plugin.sandbox import Sandbox, child_setup, with_memory_limit
 
 _PYTHON_DIR = re.compile(r"^python(\d+\.\d+)$")
 
@@ -69,7 +69,7 @@ class KernelLauncher:
 
         def wrap(argv: list[str]) -> list[str]:
             return self.sandbox.command(
-                argv,
+                with_memory_limit(argv, self.memory_limit),
                 instance_root=instance.root,
                 tmp_dir=instance.tmp,
                 passwd_file=instance.passwd_file,
@@ -85,7 +85,13 @@ class KernelLauncher:
             log_path=instance.kernel_dir / "kernel.log",
             runtime_dir=instance.kernel_dir,
             wrap=wrap if self.sandbox.enabled else None,
-            preexec_fn=child_setup(self.memory_limit, die_with_parent=not self.sandbox.enabled),
+            # Without a sandbox, the limit and a parent-death signal are set between fork
+            # and exec. With it, bwrap dies with us and the limit is set inside, so the
+            # server can spawn with vfork (a fork of the whole server process would stall
+            # its event loop for milliseconds per kernel).
+            preexec_fn=None
+            if self.sandbox.enabled
+            else child_setup(self.memory_limit, die_with_parent=True),
         )
 
     async def python_version_of(self, prefix: Path) -> str | None:

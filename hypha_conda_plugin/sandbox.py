@@ -301,6 +301,15 @@ def make_worker_non_dumpable() -> bool:
         return False
 
 
+def with_memory_limit(argv: Sequence[str], limit: int | None) -> list[str]:
+    """``argv`` run through ``/bin/sh -c 'ulimit -v ...; exec ...'``: an address-space
+    limit (RLIMIT_AS) that every process of the sandbox inherits, set inside it."""
+    if limit is None:
+        return list(argv)
+    kib = max(1, limit // 1024)
+    return ["/bin/sh", "-c", f'ulimit -v {kib} && exec "$0" "$@"', *argv]
+
+
 def child_setup(memory_limit: int | None, *, die_with_parent: bool) -> Callable[[], None]:
     """A ``preexec_fn`` for kernel processes: memory limit and parent-death signal.
 
