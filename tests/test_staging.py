@@ -326,7 +326,9 @@ async def test_app_files_and_folders_are_staged_before_the_entry_point(
         logs = await conda_worker.get_logs(session["id"], type="progress")
         assert any("Staged 6 file(s)" in item["content"] for item in logs["items"])
         workdir = Path((await conda_worker.get_session_info(session["id"]))["working_dir"])
-        assert str(workdir.relative_to(worker_dirs["working"])) in _session_folders(worker_dirs)
+        assert str(workdir.parent.relative_to(worker_dirs["working"])) in _session_folders(
+            worker_dirs
+        )
         assert not list(workdir.rglob("*.part")) and not (workdir / "unstaged.txt").exists()
     finally:
         await controller.stop(session["id"])
@@ -336,13 +338,13 @@ async def test_app_files_and_folders_are_staged_before_the_entry_point(
 async def test_missing_staged_file_fails_the_start_naming_it(client, conda_worker, worker_dirs):
     controller = await client.get_service("public/server-apps")
     app = await _install(controller, "stager-missing", ["data.csv", "not_in_app.csv"])
-    before = _session_folders(worker_dirs)
     with pytest.raises(Exception, match=r"not_in_app\.csv.*add it to the app's files"):
         await controller.start(app["id"], wait_for_service=False, stage=True, timeout=120)
-    assert _session_folders(worker_dirs) == before
     failed = [s for s in await conda_worker.list_sessions() if s["app_id"] == "stager-missing"]
     assert failed and all(s["status"] == "failed" for s in failed)
     assert all("not_in_app.csv" in s["error"] for s in failed)
+    # The failed start's folder (staged data.csv included) is gone.
+    assert all(s["working_dir"] and not Path(s["working_dir"]).exists() for s in failed)
     assert not any(Path(s["working_dir"]).exists() for s in failed)
 
 
