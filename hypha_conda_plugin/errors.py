@@ -41,3 +41,7 @@ class WorkspaceNotAuthorizedError(CondaWorkerError):
 
 class StagingError(CondaWorkerError):
     """A files_to_stage file or folder could not be copied into the session folder."""
+
+
+class InvalidArgumentError(CondaWorkerError):
+    """A number (or other scalar) a caller passed is of the wrong type or out of range."""

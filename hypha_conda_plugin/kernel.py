@@ -51,7 +51,13 @@ from typing import IO, Any, Literal
 from jupyter_client import AsyncKernelClient, AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 
-from hypha_conda_plugin.outputs import CellOutputs, OutputCallback, strip_ansi
+from hypha_conda_plugin.kernel_bootstrap import kernel_argv
+from hypha_conda_plugin.outputs import (
+    DEFAULT_MAX_OUTPUT_BYTES,
+    CellOutputs,
+    OutputCallback,
+    strip_ansi,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +194,7 @@ class Kernel:
         env: Mapping[str, str],
         log_path: Path | None = None,
         interrupt_grace: float = 5.0,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
     ) -> None:
         # Absolute (the kernel runs in ``cwd``) but not resolved: resolving a venv's
         # ``bin/python`` symlink would lose the environment.
@@ -197,6 +204,8 @@ class Kernel:
         self._log_path = Path(log_path) if log_path is not None else None
         # How long a timed-out cell may take to stop after SIGINT before we restart.
         self._interrupt_grace = interrupt_grace
+        # A cell's output cap, applied by CellOutputs and (as a saving) in the kernel.
+        self._max_output_bytes = max_output_bytes
         self._km: AsyncKernelManager | None = None
         self._client: AsyncKernelClient | None = None
         self._private_dir: Path | None = None
@@ -261,7 +270,7 @@ class Kernel:
         spec_dir = self._private_dir / "kernels" / SPEC_NAME
         spec_dir.mkdir(parents=True)
         spec = {
-            "argv": [str(self._python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "argv": kernel_argv(self._python, max_output=self._max_output_bytes),
             "display_name": f"Python ({self._python})",
             "language": "python",
             "interrupt_mode": "signal",
@@ -370,7 +379,7 @@ class Kernel:
         async with self._exec_lock:
             async with self._life_lock:  # a restart in progress finishes first
                 client, process = self._running()
-            cell = CellOutputs(output_callback)
+            cell = CellOutputs(output_callback, max_bytes=self._max_output_bytes)
             # stop_on_error=False: cells never queue in the kernel (the lock), except
             # right after a cancelled execute, whose interrupted cell would otherwise
             # make the kernel abort this one.

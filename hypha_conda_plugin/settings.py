@@ -16,6 +16,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from hypha_conda_plugin.outputs import DEFAULT_MAX_OUTPUT_BYTES
+from hypha_conda_plugin.sessions import DEFAULT_MAX_LOG_BYTES
+from hypha_conda_plugin.validation import MAX_TIME_LIMIT
+
 DEFAULT_CACHE_DIR = Path("~/.hypha_conda_cache")
 SUPPORTED_APP_TYPE = "conda-jupyter-kernel"
 
@@ -52,12 +56,18 @@ class Settings(BaseModel):
     # How environments are built.
     channel_alias: str | None = None
     default_channels: tuple[str, ...] = ("conda-forge",)
-    build_timeout: float = Field(default=1800.0, gt=0)
+    build_timeout: float = Field(default=1800.0, gt=0, allow_inf_nan=False)
 
     # How kernels run.
-    kernel_start_timeout: float = Field(default=120.0, gt=0)
-    default_execute_timeout: float | None = Field(default=None, gt=0)
+    kernel_start_timeout: float = Field(default=120.0, gt=0, allow_inf_nan=False)
+    default_execute_timeout: float | None = Field(
+        default=None, gt=0, le=MAX_TIME_LIMIT, allow_inf_nan=False
+    )
+    # What a caller can make the worker hold: a cell's output (as text in its result)
+    # and a session's log.
+    max_output_bytes: int = Field(default=DEFAULT_MAX_OUTPUT_BYTES, ge=1024)
     max_log_entries: int = Field(default=10_000, ge=100)
+    max_log_bytes: int = Field(default=DEFAULT_MAX_LOG_BYTES, ge=64 * 1024)
 
     verbose: bool = False
 
@@ -106,7 +116,9 @@ class Settings(BaseModel):
             "build_timeout": "CONDA_BUILD_TIMEOUT",
             "kernel_start_timeout": "CONDA_KERNEL_START_TIMEOUT",
             "default_execute_timeout": "CONDA_EXECUTE_TIMEOUT",
+            "max_output_bytes": "CONDA_MAX_OUTPUT_BYTES",
             "max_log_entries": "CONDA_MAX_LOG_ENTRIES",
+            "max_log_bytes": "CONDA_MAX_LOG_BYTES",
         }
         for field, variable in optional.items():
             if env.get(variable):

@@ -16,9 +16,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from hypha_conda_plugin import __version__
+from hypha_conda_plugin import __version__, validation
 from hypha_conda_plugin.app_files import AppFiles
-from hypha_conda_plugin.callbacks import notify
+from hypha_conda_plugin.callbacks import DRAIN_TIMEOUT
 from hypha_conda_plugin.childenv import clean_env
 from hypha_conda_plugin.envs.builders import RattlerBuilder
 from hypha_conda_plugin.envs.cache import EnvCache
@@ -31,6 +31,7 @@ from hypha_conda_plugin.errors import (
     WorkspaceNotAuthorizedError,
 )
 from hypha_conda_plugin.kernel import Kernel
+from hypha_conda_plugin.outputs import OutputSink
 from hypha_conda_plugin.sessions import LOG_TYPES, Session, SessionManager, SessionState
 from hypha_conda_plugin.settings import SUPPORTED_APP_TYPE, Settings
 from hypha_conda_plugin.stage_rules import parse_stage_rules
@@ -85,7 +86,9 @@ class CondaWorker:
             platform=_platform(),
             pip_timeout=settings.build_timeout,
         )
-        self.sessions = SessionManager(settings.working_dir, settings.max_log_entries)
+        self.sessions = SessionManager(
+            settings.working_dir, settings.max_log_entries, settings.max_log_bytes
+        )
 
     # ----------------------------------------------------------------- registration
     def service_definition(self) -> dict[str, Any]:
@@ -118,7 +121,12 @@ class CondaWorker:
     async def start(self, config: dict[str, Any], context: dict | None = None) -> str:
         """Build or reuse the environment, start a kernel, run the app's entry point."""
         caller = self._authorize(context)
-        config = dict(config or {})
+        config = dict(validation.options(config, "start()'s config"))
+        # Validated before anything exists, so a bad value leaves nothing behind.
+        config["timeout"] = validation.optional_time_limit(
+            config.get("timeout"), "config['timeout']", self.settings.kernel_start_timeout
+        )
+        validation.callback(config.get("progress_callback"), "config['progress_callback']")
         manifest = config.get("manifest")
         if not isinstance(manifest, Mapping):
             raise ManifestError(
@@ -145,11 +153,13 @@ class CondaWorker:
             )
         session = self.sessions.create(workspace, session_id, config.get("app_id"))
         session.start_task = asyncio.current_task()
-        callback = config.get("progress_callback")
+        # The client's callback is fed by a task of its own: progress() never waits for
+        # it, so the environment cache may call it while holding its locks.
+        delivery = session.deliver_to(config.get("progress_callback"), "progress_callback")
 
         async def progress(message: dict[str, Any]) -> None:
             session.log.add("progress", message.get("message", ""))
-            await notify(callback, message)
+            delivery.put(message)
 
         try:
             await progress(
@@ -170,6 +180,7 @@ class CondaWorker:
                 cwd=session.workdir,
                 env=clean_env(session.env.prefix, extra=self._app_env(config, workspace)),
                 log_path=session.runtime_dir / "kernel.log",
+                max_output_bytes=self.settings.max_output_bytes,
             )
             await session.kernel.start(timeout=self.settings.kernel_start_timeout)
             if entry_code is not None:
@@ -183,12 +194,13 @@ class CondaWorker:
             session.state = SessionState.FAILED
             session.error = str(error) or type(error).__name__
             session.log.add("error", f"Start failed: {error}")
-            await notify(
-                callback,
+            delivery.put(
                 {"type": "error", "stage": "start", "message": f"Failed to start session: {error}"},
             )
             session.start_task = None
             await asyncio.shield(self._release(session, keep_record=True))
+            cancelled = isinstance(error, asyncio.CancelledError)
+            await session.finish_delivery(delivery, grace=0 if cancelled else DRAIN_TIMEOUT)
             raise
         session.start_task = None
         session.state = SessionState.READY
@@ -200,6 +212,7 @@ class CondaWorker:
                 "message": f"Session {session_id} is ready",
             }
         )
+        await session.finish_delivery(delivery)
         return session_id
 
     async def execute(
@@ -215,20 +228,29 @@ class CondaWorker:
         session = self._session(session_id, context)
         if not isinstance(script, str):
             raise CondaWorkerError("execute() needs the code as a string in 'script'.")
-        kernel = self._live_kernel(session)
         timeout = _execute_timeout(config, self.settings.default_execute_timeout)
-        await notify(
-            progress_callback, {"type": "info", "stage": "execute", "message": "Executing code"}
-        )
+        validation.callback(progress_callback, "progress_callback")
+        validation.callback(output_callback, "output_callback")
+        kernel = self._live_kernel(session)
+        # Callbacks are fed by tasks of their own: a slow client never holds the kernel's
+        # reader, so it does not count against the cell's time limit.
+        progress = session.deliver_to(progress_callback, "progress_callback of execute")
+        outputs = session.deliver_to(output_callback, "output_callback of execute")
+        progress.put({"type": "info", "stage": "execute", "message": "Executing code"})
 
-        async def on_output(item: dict[str, Any]) -> None:
+        def on_output(item: dict[str, Any]) -> None:
             session.record_output(item)
-            await notify(output_callback, item)
+            outputs.put(item)
 
+        sink: OutputSink = on_output
         session.running += 1
         session.state = SessionState.BUSY
         try:
-            result = await kernel.execute(script, timeout=timeout, output_callback=on_output)
+            result = await kernel.execute(script, timeout=timeout, output_callback=sink)
+        except BaseException:
+            await session.finish_delivery(outputs, grace=0)
+            await session.finish_delivery(progress, grace=0)
+            raise
         finally:
             session.running -= 1
             if session.state == SessionState.BUSY and session.running == 0:
@@ -237,14 +259,16 @@ class CondaWorker:
         if result.get("status") == "error" and result.get("error"):
             error = result["error"]
             session.log.add("error", f"{error.get('ename')}: {error.get('evalue')}")
-        await notify(
-            progress_callback,
+        progress.put(
             {
                 "type": "success" if result.get("status") == "ok" else "error",
                 "stage": "execute",
                 "message": f"Execution finished: {result.get('status')}",
             },
         )
+        # Bounded, and after the cell ended: the client normally has every item (in
+        # order) before the result, and a stuck callback cannot hold the call for long.
+        await asyncio.gather(session.finish_delivery(outputs), session.finish_delivery(progress))
         return result
 
     async def stop(self, session_id: str, context: dict | None = None) -> None:
@@ -262,6 +286,7 @@ class CondaWorker:
         session = self._session(session_id, context)
         if type is not None and type not in LOG_TYPES:
             raise CondaWorkerError(f"Unknown log type '{type}'; use one of {list(LOG_TYPES)}.")
+        offset, limit = validation.log_window(offset, limit)
         return session.log.query(type, offset, limit)
 
     async def interrupt(self, session_id: str, context: dict | None = None) -> None:
@@ -416,6 +441,8 @@ class CondaWorker:
 
     async def _release(self, session: Session, *, keep_record: bool) -> None:
         """Stop the kernel and delete the session's folders; never raises."""
+        if not keep_record:
+            session.cancel_deliveries()  # a failed start finishes its own delivery
         kernel, session.kernel = session.kernel, None
         if kernel is not None:
             with contextlib.suppress(Exception):
@@ -438,16 +465,9 @@ def _session_id(raw: object) -> str:
     return raw
 
 
-def _execute_timeout(config: Mapping[str, Any] | None, default: float | None) -> float | None:
-    raw = (config or {}).get("timeout", default)
-    if raw is None:
-        return None
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw <= 0:
-        raise CondaWorkerError(
-            f"config['timeout'] must be a positive number of seconds, got {raw!r}; "
-            "leave it out to let the cell run until it finishes."
-        )
-    return float(raw)
+def _execute_timeout(config: object, default: float | None) -> float | None:
+    options = validation.options(config, "execute()'s config")
+    return validation.optional_time_limit(options.get("timeout"), "config['timeout']", default)
 
 
 def _platform() -> str:
