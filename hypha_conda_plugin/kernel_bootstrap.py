@@ -87,6 +87,8 @@ def _hypha_conda_limit_output(max_output, chunk, report_type):
             with lock:
                 counts = cells.pop(msg_id, None)
             if counts is not None and counts[1]:
+                sys.stdout.flush()  # what was kept goes first
+                sys.stderr.flush()
                 self.session.send(
                     self.iopub_socket,
                     report_type,

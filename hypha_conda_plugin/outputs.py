@@ -194,7 +194,8 @@ class CellOutputs:
         self.used_bytes = 0
         self.dropped_bytes = 0
         self.dropped_messages = 0
-        self.truncated = False
+        self.dropped_at_source = 0  # reported by the kernel bootstrap
+        self._cut = False  # this side's cap was reached: nothing more is kept
         self._items: list[dict[str, Any]] = []
         # The last item when it is a stream still being appended to, and its chunks.
         self._open_stream: tuple[dict[str, Any], list[str]] | None = None
@@ -203,6 +204,11 @@ class CellOutputs:
         self._sink_warned = False
         # Lets the kernel layer tell when a dying kernel's last messages stop coming.
         self.messages_seen = 0
+
+    @property
+    def truncated(self) -> bool:
+        """Whether any output was dropped, here or in the kernel."""
+        return self._cut or self.dropped_at_source > 0
 
     @property
     def outputs(self) -> list[dict[str, Any]]:
@@ -261,25 +267,26 @@ class CellOutputs:
 
     def _admit(self, size: int) -> bool:
         """Count ``size`` bytes against the cap; False (and counted as dropped) past it."""
-        if not self.truncated and (
-            self.max_bytes is None or self.used_bytes + size <= self.max_bytes
-        ):
+        if not self._cut and (self.max_bytes is None or self.used_bytes + size <= self.max_bytes):
             self.used_bytes += size
             return True
         self._drop(size)
         return False
 
     def _drop(self, size: int) -> None:
-        self.truncated = True
+        self._cut = True
         self.dropped_bytes += size
         self.dropped_messages += 1
 
     def _dropped_at_source(self, content: dict[str, Any]) -> None:
-        """The kernel bootstrap dropped printed text past the cap before sending it."""
+        """The kernel bootstrap dropped printed text past the cap before sending it.
+
+        Only counted: the report may overtake the kernel's last stream message, which
+        must still be admitted (or cut) by this side's own count.
+        """
         size = content.get("bytes")
         if isinstance(size, int) and not isinstance(size, bool) and size > 0:
-            self.truncated = True
-            self.dropped_bytes += min(size, 1 << 62)
+            self.dropped_at_source = min(self.dropped_at_source + size, 1 << 62)
 
     # ------------------------------------------------------------ output items
 
@@ -288,9 +295,9 @@ class CellOutputs:
         self._apply_pending_clear()
         opening = self._open_stream is None or self._open_stream[0]["name"] != name
         overhead = ITEM_OVERHEAD if opening else 0
-        was_truncated = self.truncated
+        was_cut = self._cut
         if not self._admit(text_size(text) + overhead):
-            if was_truncated or self.max_bytes is None:
+            if was_cut or self.max_bytes is None:
                 return
             # The chunk that crossed the cap: keep what still fits of it.
             text = clip_text(text, self.max_bytes - self.used_bytes - overhead)
@@ -343,14 +350,14 @@ class CellOutputs:
 
     def _clear(self, *, wait: bool) -> None:
         """``clear_output(wait=True)`` clears only when the next output arrives (no flicker)."""
-        if self.truncated:
+        if self._cut:
             return  # nothing of what follows is kept, so there is nothing to clear for
         self._clear_pending = True
         if not wait:
             self._apply_pending_clear()
 
     def _apply_pending_clear(self) -> None:
-        if not self._clear_pending or self.truncated:
+        if not self._clear_pending or self._cut:
             return
         self._clear_pending = False
         self._items.clear()
@@ -398,7 +405,8 @@ class CellOutputs:
         limit = _format_size(self.max_bytes) if self.max_bytes is not None else "its limit"
         text = (
             f"\n[Output truncated: this cell's output passed {limit} "
-            f"(CONDA_MAX_OUTPUT_BYTES); {_format_size(self.dropped_bytes)} more were "
+            f"(CONDA_MAX_OUTPUT_BYTES); "
+            f"{_format_size(self.dropped_bytes + self.dropped_at_source)} more were "
             "dropped. The cell kept running; write large output to a file instead.]\n"
         )
         if self._open_stream is not None and self._open_stream[0]["name"] == "stderr":
