@@ -81,6 +81,7 @@ class CallbackQueue:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._in_flight = False
         self.delivered = 0
         self.dropped = 0
         self.failed = 0
@@ -127,6 +128,9 @@ class CallbackQueue:
         self._closed = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
+            if self._in_flight:  # given up on while it was being delivered
+                self._in_flight = False
+                self.dropped += 1
         self._give_up_pending()
 
     def report(self) -> DeliveryReport:
@@ -147,14 +151,13 @@ class CallbackQueue:
 
     async def _deliver(self, message: dict[str, Any]) -> None:
         assert self._callback is not None
+        self._in_flight = True
         try:
             result = self._callback(message)
             if inspect.isawaitable(result):
                 await asyncio.wait_for(result, self._timeout)
-        except asyncio.CancelledError:
-            self.dropped += 1  # given up on while it was being delivered
-            raise
         except Exception as error:  # includes the timeout
+            self._in_flight = False
             self.failed += 1
             if self.failed == 1:
                 reason = (
@@ -164,4 +167,5 @@ class CallbackQueue:
                 )
                 logger.warning("The %s %s (a %s message)", self.what, reason, message.get("type"))
             return
+        self._in_flight = False
         self.delivered += 1
