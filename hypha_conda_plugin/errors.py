@@ -57,3 +57,7 @@ class QuotaExceededError(CondaWorkerError):
 
 class ConfigError(CondaWorkerError):
     """A field of a call's config is malformed or not the caller's to set."""
+
+
+class InvalidArgumentError(CondaWorkerError):
+    """A number (or other scalar) a caller passed is of the wrong type or out of range."""

@@ -51,7 +51,13 @@ from typing import IO, Any, Literal
 from jupyter_client import AsyncKernelClient, AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 
-from hypha_conda_plugin.outputs import CellOutputs, OutputCallback, strip_ansi
+from hypha_conda_plugin.kernel_bootstrap import kernel_argv
+from hypha_conda_plugin.outputs import (
+    DEFAULT_MAX_OUTPUT_BYTES,
+    CellOutputs,
+    OutputCallback,
+    strip_ansi,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +203,7 @@ class Kernel:
         runtime_dir: Path | None = None,
         wrap: Callable[[list[str]], list[str]] | None = None,
         preexec_fn: Callable[[], None] | None = None,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
     ) -> None:
         """``runtime_dir``: an existing private folder for the kernelspec, connection
         file and sockets (its owner removes it); by default a temporary one is made.
@@ -211,6 +218,8 @@ class Kernel:
         self._log_path = Path(log_path) if log_path is not None else None
         # How long a timed-out cell may take to stop after SIGINT before we restart.
         self._interrupt_grace = interrupt_grace
+        # A cell's output cap, applied by CellOutputs and (as a saving) in the kernel.
+        self._max_output_bytes = max_output_bytes
         self._km: AsyncKernelManager | None = None
         self._client: AsyncKernelClient | None = None
         self._runtime_dir = Path(runtime_dir) if runtime_dir is not None else None
@@ -283,7 +292,7 @@ class Kernel:
             self._private_dir = Path(tempfile.mkdtemp(prefix="hypha-kernel-"))
         spec_dir = self._private_dir / "kernels" / SPEC_NAME
         spec_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        argv = [str(self._python), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+        argv = kernel_argv(self._python, max_output=self._max_output_bytes)
         spec = {
             "argv": self._wrap(argv) if self._wrap is not None else argv,
             "display_name": f"Python ({self._python})",
@@ -400,7 +409,7 @@ class Kernel:
         async with self._exec_lock:
             async with self._life_lock:  # a restart in progress finishes first
                 client, process = self._running()
-            cell = CellOutputs(output_callback)
+            cell = CellOutputs(output_callback, max_bytes=self._max_output_bytes)
             # stop_on_error=False: cells never queue in the kernel (the lock), except
             # right after a cancelled execute, whose interrupted cell would otherwise
             # make the kernel abort this one.

@@ -18,6 +18,7 @@ from pathlib import Path
 from hypha_conda_plugin.childenv import clean_env
 from hypha_conda_plugin.instances import RUN_MARKER_VARIABLE, Instance
 from hypha_conda_plugin.kernel import Kernel
+from hypha_conda_plugin.outputs import DEFAULT_MAX_OUTPUT_BYTES
 from hypha_conda_plugin.sandbox import Sandbox, child_setup, with_memory_limit
 
 _PYTHON_DIR = re.compile(r"^python(\d+\.\d+)$")
@@ -33,11 +34,13 @@ class KernelLauncher:
         run_id: str,
         start_timeout: float,
         memory_limit: int | None = None,
+        max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
     ) -> None:
         self.sandbox = sandbox
         self.run_id = run_id
         self.start_timeout = start_timeout
         self.memory_limit = memory_limit
+        self.max_output_bytes = max_output_bytes
         self._python_versions: dict[Path, str | None] = {}
 
     async def start(self, instance: Instance, prefix: Path) -> Kernel:
@@ -84,6 +87,7 @@ class KernelLauncher:
             env=env,
             log_path=instance.kernel_dir / "kernel.log",
             runtime_dir=instance.kernel_dir,
+            max_output_bytes=self.max_output_bytes,
             wrap=wrap if self.sandbox.enabled else None,
             # Without a sandbox, the limit and a parent-death signal are set between fork
             # and exec. With it, bwrap dies with us and the limit is set inside, so the

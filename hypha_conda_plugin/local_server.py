@@ -47,10 +47,16 @@ class LocalServer:
     wait_for_worker: bool = True
     root_token: str = field(default_factory=lambda: "local-" + secrets.token_hex(24))
     _processes: list[tuple[asyncio.subprocess.Process, IO[bytes]]] = field(default_factory=list)
+    _server: asyncio.subprocess.Process | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def server_pid(self) -> int | None:
+        """Pid of the Hypha server process (the worker's, in-server): for measurements."""
+        return self._server.pid if self._server is not None else None
 
     @property
     def log_path(self) -> Path:
@@ -103,7 +109,9 @@ class LocalServer:
             if self.server_apps:
                 args.append("--enable-server-apps")
             env = {**os.environ, **self.plugin_env}
-            await self._spawn([sys.executable, "-m", "hypha.server", *args], "hypha.log", env)
+            self._server = await self._spawn(
+                [sys.executable, "-m", "hypha.server", *args], "hypha.log", env
+            )
             await self._wait_ready(f"{self.url}/health/readiness", "hypha.log")
             if self.wait_for_worker:
                 await self._wait_worker()
@@ -126,7 +134,9 @@ class LocalServer:
                     await process.wait()
             log.close()
 
-    async def _spawn(self, argv: list[str], log_name: str, env: Mapping[str, str]) -> None:
+    async def _spawn(
+        self, argv: list[str], log_name: str, env: Mapping[str, str]
+    ) -> asyncio.subprocess.Process:
         log = await asyncio.to_thread(open, self.workdir / log_name, "ab")
         process = await asyncio.create_subprocess_exec(
             *argv,
@@ -136,6 +146,7 @@ class LocalServer:
             start_new_session=True,
         )
         self._processes.append((process, log))
+        return process
 
     async def _wait_ready(self, url: str, log_name: str) -> None:
         deadline = time.monotonic() + READY_TIMEOUT

@@ -16,6 +16,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from hypha_conda_plugin.outputs import DEFAULT_MAX_OUTPUT_BYTES
+from hypha_conda_plugin.sessions import DEFAULT_MAX_LOG_BYTES
+from hypha_conda_plugin.validation import MAX_TIME_LIMIT
+
 DEFAULT_CACHE_DIR = Path("~/.hypha_conda_cache")
 SUPPORTED_APP_TYPE = "conda-jupyter-kernel"
 
@@ -78,22 +82,28 @@ class Settings(BaseModel):
     # How environments are built.
     channel_alias: str | None = None
     default_channels: tuple[str, ...] = ("conda-forge",)
-    build_timeout: float = Field(default=1800.0, gt=0)
+    build_timeout: float = Field(default=1800.0, gt=0, allow_inf_nan=False)
 
     # How kernels run.
-    kernel_start_timeout: float = Field(default=120.0, gt=0)
+    kernel_start_timeout: float = Field(default=120.0, gt=0, allow_inf_nan=False)
     sandbox: Literal["auto", "bwrap", "off"] = "auto"
     # Address space of each kernel process (RLIMIT_AS): Python raises MemoryError past it.
     session_memory_limit: int | None = 8 * 1024**3
     kernel_pool_size: int = Field(default=2, ge=0, le=64)
-    kernel_pool_idle: float = Field(default=600.0, gt=0)
+    kernel_pool_idle: float = Field(default=600.0, gt=0, allow_inf_nan=False)
+    default_execute_timeout: float | None = Field(
+        default=None, gt=0, le=MAX_TIME_LIMIT, allow_inf_nan=False
+    )
 
     # What one worker holds at most (a shared server's defaults).
     max_sessions: int = Field(default=50, ge=1)
     max_sessions_per_workspace: int = Field(default=10, ge=1)
-    idle_timeout: float | None = Field(default=3600.0, gt=0)
-    default_execute_timeout: float | None = Field(default=None, gt=0)
+    idle_timeout: float | None = Field(default=3600.0, gt=0, allow_inf_nan=False)
+    # What a caller can make the worker hold: a cell's output (as text in its result)
+    # and a session's log.
+    max_output_bytes: int = Field(default=DEFAULT_MAX_OUTPUT_BYTES, ge=1024)
     max_log_entries: int = Field(default=10_000, ge=100)
+    max_log_bytes: int = Field(default=DEFAULT_MAX_LOG_BYTES, ge=64 * 1024)
 
     # Who may call.
     allow_anonymous: bool = False
@@ -157,6 +167,7 @@ class Settings(BaseModel):
             "build_timeout": "CONDA_BUILD_TIMEOUT",
             "kernel_start_timeout": "CONDA_KERNEL_START_TIMEOUT",
             "default_execute_timeout": "CONDA_EXECUTE_TIMEOUT",
+            "max_output_bytes": "CONDA_MAX_OUTPUT_BYTES",
             "max_log_entries": "CONDA_MAX_LOG_ENTRIES",
             "sandbox": "CONDA_SANDBOX",
             "session_memory_limit": "CONDA_SESSION_MEMORY_LIMIT",
@@ -166,6 +177,7 @@ class Settings(BaseModel):
             "max_sessions": "CONDA_MAX_SESSIONS",
             "max_sessions_per_workspace": "CONDA_MAX_SESSIONS_PER_WORKSPACE",
             "idle_timeout": "CONDA_IDLE_TIMEOUT",
+            "max_log_bytes": "CONDA_MAX_LOG_BYTES",
         }
         for field, variable in optional.items():
             if env.get(variable):

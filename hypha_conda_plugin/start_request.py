@@ -16,12 +16,12 @@ depend on who calls:
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from hypha_conda_plugin import validation
 from hypha_conda_plugin.app_files import AppFiles
 from hypha_conda_plugin.envs.spec import EnvSpec
 from hypha_conda_plugin.errors import ConfigError, ManifestError
@@ -29,7 +29,6 @@ from hypha_conda_plugin.settings import SUPPORTED_APP_TYPE, Settings
 from hypha_conda_plugin.stage_rules import StageRule, parse_stage_rules
 
 MAX_SESSION_ID_LENGTH = 256
-MAX_START_TIMEOUT = 24 * 3600.0
 #: Config keys only the server's own app controller may set.
 SERVER_ONLY_KEYS = ("app_files_base_url", "server_url")
 
@@ -43,7 +42,7 @@ class StartRequest:
     stage_rules: list[StageRule]
     app_files: AppFiles | None
     entry_point: str | None
-    entry_timeout: float
+    entry_timeout: float | None
     app_env: dict[str, str]
     progress_callback: Callable[[dict[str, Any]], Any] | None
 
@@ -59,9 +58,7 @@ class StartRequest:
     ) -> StartRequest:
         """Validate ``config`` for a caller of ``workspace`` (``from_server``: the app
         controller acting for the workspace that ``config['workspace']`` names)."""
-        if not isinstance(config, Mapping):
-            raise ConfigError("start() needs a config mapping with at least 'manifest'.")
-        config = dict(config)
+        config = dict(validation.options(config, "start()'s config"))
         manifest = config.get("manifest")
         if not isinstance(manifest, Mapping):
             raise ManifestError(
@@ -106,11 +103,13 @@ class StartRequest:
             entry_point=_optional_str(
                 config.get("entry_point") or manifest.get("entry_point"), "entry_point"
             ),
-            entry_timeout=seconds(
-                config.get("timeout"), "config['timeout']", default=settings.kernel_start_timeout
+            entry_timeout=validation.optional_time_limit(
+                config.get("timeout"), "config['timeout']", settings.kernel_start_timeout
             ),
             app_env={key: str(value) for key, value in app_env.items() if value},
-            progress_callback=config.get("progress_callback"),
+            progress_callback=validation.callback(
+                config.get("progress_callback"), "config['progress_callback']"
+            ),
         )
 
 
@@ -171,22 +170,3 @@ def _optional_str(value: object, field: str) -> str | None:
     if not isinstance(value, str) or "\0" in value:
         raise ConfigError(f"config['{field}'] must be a string, got {value!r}.")
     return value
-
-
-def seconds(
-    raw: object, field: str, *, default: float | None, maximum: float = MAX_START_TIMEOUT
-) -> float | None:
-    """A time limit a caller sent: finite, positive, at most ``maximum`` (or the default)."""
-    if raw is None:
-        return default
-    valid = (
-        not isinstance(raw, bool)
-        and isinstance(raw, int | float)
-        and math.isfinite(raw)
-        and 0 < raw <= maximum
-    )
-    if not valid:
-        raise ConfigError(
-            f"{field} must be a positive number of seconds up to {maximum:g}, got {raw!r}."
-        )
-    return float(raw)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hypha_conda_plugin import __version__
+from hypha_conda_plugin import __version__, validation
 from hypha_conda_plugin.aio import gather_or_cancel
-from hypha_conda_plugin.callbacks import Progress, notify
+from hypha_conda_plugin.callbacks import DRAIN_TIMEOUT, Progress
 from hypha_conda_plugin.envs.builders import RattlerBuilder
 from hypha_conda_plugin.envs.bytecode import compile_remaining, seal
 from hypha_conda_plugin.envs.cache import EnvCache
@@ -27,7 +27,6 @@ from hypha_conda_plugin.errors import (
     AnonymousCallerError,
     AppFileError,
     CondaWorkerError,
-    ConfigError,
     QuotaExceededError,
     SessionNotFoundError,
     SessionStateError,
@@ -42,11 +41,9 @@ from hypha_conda_plugin.sessions import LOG_TYPES, Session, SessionManager, Sess
 from hypha_conda_plugin.settings import SUPPORTED_APP_TYPE, Settings
 from hypha_conda_plugin.stage_rules import parse_stage_rules
 from hypha_conda_plugin.staging import stage_files
-from hypha_conda_plugin.start_request import StartRequest, seconds
+from hypha_conda_plugin.start_request import StartRequest
 
 logger = logging.getLogger(__name__)
-
-MAX_EXECUTE_TIMEOUT = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -107,7 +104,7 @@ class CondaWorker:
             finish=self._finish_environment,
         )
         self._background: set[asyncio.Task[Any]] = set()
-        self.sessions = SessionManager(settings.max_log_entries)
+        self.sessions = SessionManager(settings.max_log_entries, settings.max_log_bytes)
         self.root = WorkingRoot(settings.working_dir)
         self.sandbox: Sandbox | None = None
         self.launcher: KernelLauncher | None = None
@@ -149,6 +146,7 @@ class CondaWorker:
             run_id=self.root.run_id,
             start_timeout=self.settings.kernel_start_timeout,
             memory_limit=self.settings.session_memory_limit,
+            max_output_bytes=self.settings.max_output_bytes,
         )
         self.pool = KernelPool(
             self.launcher,
@@ -229,11 +227,13 @@ class CondaWorker:
         session.start_task = asyncio.current_task()
         session.isolation = sandbox.isolation.mode
         session.from_server = caller.is_root
-        callback = request.progress_callback
+        # The client's callback is fed by a task of its own: progress() never waits for
+        # it, so the environment cache may call it while holding its locks.
+        delivery = session.deliver_to(request.progress_callback, "progress_callback")
 
         async def progress(message: dict[str, Any]) -> None:
             session.log.add("progress", message.get("message", ""))
-            await notify(callback, message)
+            delivery.put(message)
 
         try:
             await progress(
@@ -254,12 +254,13 @@ class CondaWorker:
             session.state = SessionState.FAILED
             session.error = str(error) or type(error).__name__
             session.log.add("error", f"Start failed: {error}")
-            await notify(
-                callback,
-                {"type": "error", "stage": "start", "message": f"Failed to start session: {error}"},
+            delivery.put(
+                {"type": "error", "stage": "start", "message": f"Failed to start session: {error}"}
             )
             session.start_task = None
             await asyncio.shield(self._release(session, keep_record=True))
+            cancelled = isinstance(error, asyncio.CancelledError)
+            await session.finish_delivery(delivery, grace=0 if cancelled else DRAIN_TIMEOUT)
             raise
         session.start_task = None
         session.entry_code = None
@@ -274,6 +275,7 @@ class CondaWorker:
                 "message": f"Session {session.id} is ready",
             }
         )
+        await session.finish_delivery(delivery)
         return session.id
 
     async def _start_kernel(
@@ -400,28 +402,32 @@ class CondaWorker:
         session = self._session(session_id, context)
         if not isinstance(script, str):
             raise CondaWorkerError("execute() needs the code as a string in 'script'.")
+        options = validation.options(config, "execute()'s config")
+        timeout = validation.optional_time_limit(
+            options.get("timeout"), "config['timeout']", self.settings.default_execute_timeout
+        )
+        validation.callback(progress_callback, "progress_callback")
+        validation.callback(output_callback, "output_callback")
         kernel = self._live_kernel(session)
-        if config is not None and not isinstance(config, Mapping):
-            raise ConfigError("execute()'s config must be a mapping such as {'timeout': 30}.")
-        timeout = seconds(
-            (config or {}).get("timeout"),
-            "config['timeout']",
-            default=self.settings.default_execute_timeout,
-            maximum=MAX_EXECUTE_TIMEOUT,
-        )
-        await notify(
-            progress_callback, {"type": "info", "stage": "execute", "message": "Executing code"}
-        )
+        # Callbacks are fed by tasks of their own: a slow client never holds the kernel's
+        # reader, so it does not count against the cell's time limit.
+        progress = session.deliver_to(progress_callback, "progress_callback of execute")
+        outputs = session.deliver_to(output_callback, "output_callback of execute")
+        progress.put({"type": "info", "stage": "execute", "message": "Executing code"})
 
-        async def on_output(item: dict[str, Any]) -> None:
+        def on_output(item: dict[str, Any]) -> None:
             session.record_output(item)
-            await notify(output_callback, item)
+            outputs.put(item)
 
         session.running += 1
         session.last_activity = time.monotonic()
         session.state = SessionState.BUSY
         try:
             result = await kernel.execute(script, timeout=timeout, output_callback=on_output)
+        except BaseException:
+            await session.finish_delivery(outputs, grace=0)
+            await session.finish_delivery(progress, grace=0)
+            raise
         finally:
             session.running -= 1
             session.last_activity = time.monotonic()
@@ -431,14 +437,16 @@ class CondaWorker:
         if result.get("status") == "error" and result.get("error"):
             error = result["error"]
             session.log.add("error", f"{error.get('ename')}: {error.get('evalue')}")
-        await notify(
-            progress_callback,
+        progress.put(
             {
                 "type": "success" if result.get("status") == "ok" else "error",
                 "stage": "execute",
                 "message": f"Execution finished: {result.get('status')}",
-            },
+            }
         )
+        # Bounded, and after the cell ended: the client normally has every item (in
+        # order) before the result, and a stuck callback cannot hold the call for long.
+        await asyncio.gather(session.finish_delivery(outputs), session.finish_delivery(progress))
         return result
 
     async def stop(self, session_id: str, context: dict | None = None) -> None:
@@ -456,6 +464,7 @@ class CondaWorker:
         session = self._session(session_id, context)
         if type is not None and type not in LOG_TYPES:
             raise CondaWorkerError(f"Unknown log type '{type}'; use one of {list(LOG_TYPES)}.")
+        offset, limit = validation.log_window(offset, limit)
         return session.log.query(type, offset, limit)
 
     async def interrupt(self, session_id: str, context: dict | None = None) -> None:
@@ -622,6 +631,8 @@ class CondaWorker:
     async def _release(self, session: Session, *, keep_record: bool) -> None:
         """Stop the kernel, delete the session's folders, let go of its environment;
         never raises."""
+        if not keep_record:
+            session.cancel_deliveries()  # a failed start finishes its own delivery
         kernel, session.kernel = session.kernel, None
         if kernel is not None:
             with contextlib.suppress(Exception):

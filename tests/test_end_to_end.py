@@ -147,15 +147,6 @@ async def test_timeout_interrupts_and_session_survives(conda_worker, ready_sessi
     assert _stdout(after) == "still here\n"
 
 
-async def test_bad_timeout_is_refused_with_a_clear_message(conda_worker, ready_session):
-    with pytest.raises(
-        Exception, match=r"must be a positive number of seconds up to .*, got 'soon'"
-    ):
-        await conda_worker.execute(ready_session, "1", config={"timeout": "soon"})
-    with pytest.raises(Exception, match="positive number"):
-        await conda_worker.execute(ready_session, "1", config={"timeout": -1})
-
-
 async def test_input_returns_an_error_instead_of_hanging(conda_worker, ready_session):
     result = await conda_worker.execute(ready_session, "input('name? ')", config={"timeout": 30})
     assert result["status"] == "error"

@@ -281,11 +281,6 @@ async def test_concurrent_executes_are_serialized(kernel: Kernel) -> None:
 
 async def test_output_callback_sees_items_in_order(kernel: Kernel) -> None:
     seen: list[dict[str, Any]] = []
-
-    async def callback(item: dict[str, Any]) -> None:
-        await asyncio.sleep(0)
-        seen.append(item)
-
     code = (
         "from IPython.display import display\n"
         "print('one', flush=True)\n"
@@ -293,7 +288,7 @@ async def test_output_callback_sees_items_in_order(kernel: Kernel) -> None:
         "print('three', flush=True)\n"
         "'four'"
     )
-    result = await kernel.execute(code, output_callback=callback)
+    result = await kernel.execute(code, output_callback=seen.append)
     assert [o["type"] for o in seen] == [o["type"] for o in result["outputs"]]
     assert [o["type"] for o in seen] == ["stream", "display_data", "stream", "execute_result"]
     assert seen[0]["text"] == "one\n" and seen[2]["text"] == "three\n"

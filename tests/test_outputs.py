@@ -116,6 +116,7 @@ async def test_execute_result_carries_execution_count() -> None:
         ],
         "error": None,
         "execution_count": 5,
+        "outputs_truncated": False,
     }
 
 
@@ -284,12 +285,8 @@ async def test_status_and_comm_messages_are_counted_but_ignored() -> None:
 
 async def test_callback_receives_items_and_events_in_order() -> None:
     seen: list[dict[str, Any]] = []
-
-    async def callback(item: dict[str, Any]) -> None:
-        seen.append(item)
-
     await feed(
-        CellOutputs(callback),
+        CellOutputs(seen.append),
         stream("stdout", "a"),
         stream("stdout", "b"),
         display("display_data", "v1", "d"),
