@@ -80,6 +80,10 @@ async def hypha_server(
             "CONDA_CACHE_DIR": str(worker_dirs["cache"]),
             # A canary: secrets in the server's environment must never reach user code.
             "DATABASE_PASSWORD": "canary-secret",
+            # Tests start many sessions at once in one workspace (the quotas have tests
+            # of their own, on servers of their own).
+            "CONDA_MAX_SESSIONS": "100",
+            "CONDA_MAX_SESSIONS_PER_WORKSPACE": "50",
         },
     )
     async with server:

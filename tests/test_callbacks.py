@@ -88,7 +88,7 @@ async def test_sync_callbacks_and_no_callback() -> None:
 
 
 async def test_a_session_cancels_its_deliveries_and_logs_what_was_lost(tmp_path: Path) -> None:
-    sessions = SessionManager(tmp_path, max_log_entries=1000)
+    sessions = SessionManager(max_log_entries=1000)
     session = sessions.create("ws", "s", None)
 
     async def forever(message: dict[str, Any]) -> None:
@@ -137,8 +137,8 @@ async def test_slow_progress_callbacks_do_not_delay_another_workspaces_start(
 ):
     """20 starts whose progress callback sleeps, then a start in another workspace.
 
-    The 20 name an app whose entry point does not exist, so they fail right after
-    getting the environment, without starting kernels. Before the queues, each held the
+    The 20 name an app that does not exist, so they fail right after getting the
+    environment, when reading its entry point. Before the queues, each held the
     environment's locks for 10 s while its callback was sent "Reusing cached
     environment": the 20th got there after more than 3 minutes, and every other start
     of that environment waited behind them. Now all 20 are through within seconds (their
@@ -167,7 +167,7 @@ async def test_slow_progress_callbacks_do_not_delay_another_workspaces_start(
                 {
                     "id": f"slow-{n}",
                     "manifest": {"dependencies": dependencies, "entry_point": "main.py"},
-                    "app_files_base_url": "http://127.0.0.1:9/no-such-app/files",
+                    "app_id": "no-such-app",
                     "progress_callback": _slow_callback(arrived[n], 30, sleeping),
                 }
             )
@@ -238,22 +238,24 @@ async def test_stop_ends_deliveries_and_execute_returns(offline_channel, session
             channel_alias=offline_channel.alias_url,
         )
     )
-    await worker.start({"id": "s", "manifest": {"dependencies": []}})
+    caller = {"ws": "ws-x", "user": {"id": "x"}}
+    await worker.start({"id": "s", "manifest": {"dependencies": []}}, context=caller)
 
     async def never(item: dict[str, Any]) -> None:
         await asyncio.sleep(3600)
 
     code = "for i in range(5): print(i, flush=True)"
-    running = asyncio.create_task(worker.execute("s", code, output_callback=never))
+    running = asyncio.create_task(worker.execute("s", code, output_callback=never, context=caller))
     await asyncio.sleep(2)  # the cell is done; execute waits for the stuck callback
     assert not running.done()
     started = time.perf_counter()
-    await worker.stop("s")
+    await worker.stop("s", context=caller)
     result = await asyncio.wait_for(running, 5)
     assert time.perf_counter() - started < 5
     assert result["status"] == "ok"
     await asyncio.sleep(0)
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("deliver ")]
+    await worker.close()
 
 
 @pytest.mark.parametrize("field", ["progress_callback", "output_callback"])

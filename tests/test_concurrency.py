@@ -28,7 +28,7 @@ def _kernels_in(folder: Path) -> list[tuple[int, bytes]]:
             cwd = Path(os.readlink(entry / "cwd"))
         except OSError:
             continue
-        if b"ipykernel_launcher" in cmdline and cwd.is_relative_to(folder):
+        if b"connection.json" in cmdline and cwd.is_relative_to(folder):
             pids.append((int(entry.name), cmdline))
     return pids
 

@@ -34,7 +34,7 @@ def _kernels(working_dir: Path) -> set[int]:
     for process in psutil.process_iter(["cmdline", "cwd"]):
         cmdline, cwd = process.info["cmdline"] or [], process.info["cwd"] or ""
         if (
-            "ipykernel_launcher" in cmdline
+            any(part.endswith("connection.json") for part in cmdline)
             and os.path.basename(cmdline[0]).startswith("python")
             and cwd.startswith(str(working_dir))
         ):
