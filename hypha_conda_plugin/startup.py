@@ -21,6 +21,7 @@ async def hypha_startup(server: Any) -> None:
     except Exception as error:
         logger.error("Conda worker not registered: %s", error)
         return
+    from hypha_conda_plugin.envs.selection import select_package_manager
     from hypha_conda_plugin.worker import CondaWorker
 
     config = getattr(server, "config", None) or {}
@@ -38,3 +39,6 @@ async def hypha_startup(server: Any) -> None:
         settings.cache_dir,
         settings.channel_alias or "default",
     )
+    selection = select_package_manager(settings)
+    log = logger.warning if selection.requested_missing else logger.info
+    log("Conda worker package manager: %s (%s)", selection.chosen, selection.reason)
