@@ -16,6 +16,10 @@ logger = logging.getLogger("hypha_conda_plugin")
 
 
 async def hypha_startup(server: Any) -> None:
+    if logger.level == logging.NOTSET:
+        # Hypha leaves the root logger at WARNING: without this, the start-up lines an
+        # operator looks for (which package manager, where the cache is) never show.
+        logger.setLevel(logging.INFO)
     try:
         settings = Settings.from_env()
     except Exception as error:
@@ -26,6 +30,9 @@ async def hypha_startup(server: Any) -> None:
 
     config = getattr(server, "config", None) or {}
     server_url = config.get("local_base_url") or config.get("public_base_url")
+    selection = select_package_manager(settings)
+    log = logger.warning if selection.requested_missing else logger.info
+    log("Conda worker package manager: %s (%s)", selection.chosen, selection.reason)
     worker = CondaWorker(settings, server_url=server_url, in_server=True)
     try:
         await server.register_service(worker.service_definition())
@@ -39,6 +46,3 @@ async def hypha_startup(server: Any) -> None:
         settings.cache_dir,
         settings.channel_alias or "default",
     )
-    selection = select_package_manager(settings)
-    log = logger.warning if selection.requested_missing else logger.info
-    log("Conda worker package manager: %s (%s)", selection.chosen, selection.reason)

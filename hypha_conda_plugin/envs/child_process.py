@@ -26,7 +26,7 @@ READ_CHUNK = 64 * 1024
 MAX_RECORD_BYTES = 64 * 1024 * 1024
 MAX_STDOUT_BYTES = 64 * 1024 * 1024
 TAIL_LINES = 200
-TAIL_BYTES = 2 * 1024 * 1024
+TAIL_BYTES = 4 * 1024 * 1024
 # How long output may keep flowing after the child itself exited (a grandchild holding
 # the pipe) before the group is killed to close it.
 EXIT_GRACE = 5.0
@@ -104,8 +104,9 @@ class RecordSplitter:
 class Tail:
     """The last lines of a stream, bounded in count and bytes.
 
-    A single line longer than the byte bound keeps its head (where tools put the
-    error's name) and says how much was cut.
+    A single line longer than half the byte bound keeps its head (where tools put the
+    error's name) and says how much was cut, so a huge explanation and the short
+    verdict a tool prints after it both fit.
     """
 
     def __init__(self, max_lines: int = TAIL_LINES, max_bytes: int = TAIL_BYTES) -> None:
@@ -115,8 +116,9 @@ class Tail:
         self._max_bytes = max_bytes
 
     def add(self, line: str) -> None:
-        if len(line) > self._max_bytes:
-            line = line[: self._max_bytes] + f" [... {len(line) - self._max_bytes} more]"
+        cap = self._max_bytes // 2
+        if len(line) > cap:
+            line = line[:cap] + f" [... {len(line) - cap} more]"
         self._lines.append(line)
         self._size += len(line)
         while len(self._lines) > 1 and (
