@@ -122,7 +122,8 @@ def tool_folder(
     crashing_mamba: bool = False,
     env_probe: Path | None = None,
 ) -> Path:
-    """A folder to put on PATH holding ``conda`` (and, as an injected fault, a ``mamba``).
+    """A folder to put on PATH holding ``conda`` (and, as an injected fault, a ``mamba``
+    that leaves a half-built prefix behind and crashes).
 
     ``conda`` is a link to the script as installed (for our venv, pip's entry point that
     refuses most commands: the worker must cope with it). With ``env_probe``, it is a
@@ -140,8 +141,12 @@ def tool_folder(
         conda_path.chmod(0o755)
     if crashing_mamba:
         mamba = folder / "mamba"
+        # Fault injected by the test: a mamba that starts the environment (a file in the
+        # prefix it was given), then crashes, on every call.
         mamba.write_text(
-            "#!/bin/sh\n# Fault injected by the test: a mamba that crashes on every call.\n"
+            "#!/bin/sh\n"
+            'while [ $# -gt 0 ]; do [ "$1" = --prefix ] && mkdir -p "$2" && '
+            'echo crashed > "$2/half-built-by-mamba"; shift; done\n'
             "kill -SEGV $$\n"
         )
         mamba.chmod(0o755)

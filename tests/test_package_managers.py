@@ -472,7 +472,10 @@ async def test_a_crashing_mamba_falls_back_to_conda_with_a_warning(
         assert warnings[0].startswith("mamba failed, so trying conda instead")
         assert "SIGSEGV" in warnings[0]
         result = await worker.execute(session_id, "import numpy, sys; print(sys.prefix)")
-        assert _built_by_conda(Path(result["outputs"][0]["text"].strip()))
+        prefix = Path(result["outputs"][0]["text"].strip())
+        assert _built_by_conda(prefix)
+        # What the crashed mamba left was removed before conda started.
+        assert not (prefix / "half-built-by-mamba").exists()
         await worker.stop(session_id)
     finally:
         await _stop(process)
