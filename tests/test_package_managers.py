@@ -113,6 +113,14 @@ def test_selection_order_and_reasons(tmp_path):
     selection = select_package_manager(exe)
     assert selection.order == ("micromamba", "conda", "rattler")
     assert "(MAMBA_EXE)" in selection.reason
+    # A relative or empty PATH entry would mean the current folder: never searched.
+    relative = Settings(working_dir=tmp_path / "w", tool_search_path=":bin:.")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert select_package_manager(relative).order == ("rattler",)
+    finally:
+        os.chdir(cwd)
     # No tool at all: the embedded solver, and the reason says what was looked for.
     bare = select_package_manager(Settings(working_dir=tmp_path / "w"))
     assert bare.order == ("rattler",)

@@ -51,7 +51,10 @@ class Selection:
 
 def find_tool(name: str, settings: Settings) -> Tool | None:
     """``name`` on the worker's PATH, else in MAMBA_EXE (mamba, micromamba) or CONDA_EXE."""
-    found = shutil.which(name, path=settings.tool_search_path or "")
+    # Only absolute PATH entries: an empty or relative one would mean "the current
+    # folder", and an empty search path would make shutil.which look there too.
+    folders = [p for p in (settings.tool_search_path or "").split(os.pathsep) if p.startswith("/")]
+    found = shutil.which(name, path=os.pathsep.join(folders)) if folders else None
     if found:
         return Tool(name, _command(name, Path(found)), Path(found), "PATH")
     variable, value = (
