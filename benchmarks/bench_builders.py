@@ -7,6 +7,10 @@ so the figures include what the worker adds (spec file, child process, result ch
 * cold: an empty package cache (and repodata cache) for every build;
 * warm: a package cache that an earlier build of the same spec filled.
 
+A last row runs ``conda create`` by hand with the same flags and a warm cache, to show
+how much of conda's time is the worker's (spec file, output parsing, checks) and how
+much conda's own.
+
 Medians of ``--runs`` builds; each row's ratio is against the embedded solver's row of
 the same cache state, measured in the same run. The conda is the real conda 26.7.1 the
 tests use (tests/conda_tool.py), with conda-rattler-solver as its solver.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import statistics
 import sys
@@ -37,7 +42,7 @@ from hypha_conda_plugin.envs.cli_builder import CliBuilder  # noqa: E402
 from hypha_conda_plugin.envs.selection import select_package_manager  # noqa: E402
 from hypha_conda_plugin.envs.spec import EnvSpec  # noqa: E402
 from hypha_conda_plugin.settings import Settings  # noqa: E402
-from tests.conda_tool import conda_home, find_real_conda, tool_folder  # noqa: E402
+from tests.conda_tool import RealConda, conda_home, find_real_conda, tool_folder  # noqa: E402
 from tests.conftest import CACHE, CHANNEL_REQUIREMENTS  # noqa: E402
 
 SPEC = EnvSpec.from_manifest({"dependencies": ["python", "numpy", "ipykernel"]})
@@ -59,12 +64,16 @@ def rattler_builder(alias: str) -> Callable[[Path], Builder]:
     return make
 
 
-def conda_builder(alias: str, root: Path) -> Callable[[Path], Builder]:
+def real_conda() -> RealConda:
     conda = find_real_conda()
     if isinstance(conda, str):
         raise SystemExit(f"Cannot measure conda: {conda}")
     if conda.install_seconds is not None:
         print(f"Installed the test conda in {conda.install_seconds:.1f} s (cold).")
+    return conda
+
+
+def conda_builder(conda: RealConda, alias: str, root: Path) -> Callable[[Path], Builder]:
     tools = tool_folder(root, conda)
     tool = select_package_manager(Settings(working_dir=root, tool_search_path=str(tools))).tools[0]
 
@@ -101,17 +110,52 @@ async def measure(make: Callable[[Path], Builder], root: Path, runs: int) -> tup
     return statistics.median(cold), statistics.median(warm)
 
 
+async def bare_conda(conda: RealConda, alias: str, root: Path, runs: int) -> float:
+    """Median seconds of ``conda create`` run directly, warm package cache."""
+    home = conda_home(root / "conda", conda, pkgs_dir=root / "pkgs")
+    env = package_manager_env(root, host=home)
+    times = []
+    for run in range(runs + 1):  # the first run fills the package cache
+        prefix = root / "envs" / f"bare-{run}"
+        argv = [
+            *conda.command,
+            "create",
+            "--prefix",
+            str(prefix),
+            "--override-channels",
+            "-c",
+            alias.rstrip("/") + "/conda-forge",
+            "--yes",
+            "--json",
+            *SPEC.conda,
+        ]
+        started = time.perf_counter()
+        process = await asyncio.create_subprocess_exec(
+            *argv, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
+        if await process.wait() != 0 or not os.path.exists(prefix / "bin" / "python"):
+            raise SystemExit(f"conda create failed: {argv}")
+        if run:
+            times.append(time.perf_counter() - started)
+        await asyncio.to_thread(shutil.rmtree, prefix, True)
+    return statistics.median(times)
+
+
 async def main(runs: int) -> None:
     channel = build_channel(CACHE / "offline-channel", CHANNEL_REQUIREMENTS)
     with tempfile.TemporaryDirectory(prefix="bench-builders-") as tmp:
         root = Path(tmp)
         rattler = await measure(rattler_builder(channel.alias_url), root / "rattler", runs)
-        conda = await measure(conda_builder(channel.alias_url, root / "c"), root / "conda", runs)
+        tool = real_conda()
+        make_conda = conda_builder(tool, channel.alias_url, root / "c")
+        conda = await measure(make_conda, root / "conda", runs)
+        bare = await bare_conda(tool, channel.alias_url, root / "bare", runs)
     rows = [
         ("embedded solver (py-rattler), cold package cache", rattler[0], 1.0),
         ("conda 26.7.1, cold package cache", conda[0], conda[0] / rattler[0]),
         ("embedded solver (py-rattler), warm package cache", rattler[1], 1.0),
         ("conda 26.7.1, warm package cache", conda[1], conda[1] / rattler[1]),
+        ("conda create by hand (no worker), warm package cache", bare, bare / rattler[1]),
     ]
     print_table(
         f"Build of python + numpy + ipykernel, median of {runs} (ratio: against the "

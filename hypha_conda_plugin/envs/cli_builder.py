@@ -175,7 +175,8 @@ class CliBuilder:
             heartbeat.cancel()
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(spec_file.unlink, True)
-        document = _final_document(result.stdout)
+        # A big environment's result (or a huge error) is megabytes of JSON: off the loop.
+        document = await asyncio.to_thread(_final_document, result.stdout)
         if not await self._succeeded(result, document, prefix):
             raise self._failure(result, document, channels)
         packages = _linked(document) or await asyncio.to_thread(_installed, prefix)
