@@ -79,3 +79,45 @@ def clean_env(
     if extra:
         env.update(extra)
     return env
+
+
+# What a package manager (conda, mamba, micromamba) reads besides the harmless host
+# variables above: where its own configuration, caches and root live, how it reaches the
+# network, and the virtual-package overrides (CONDA_OVERRIDE_CUDA, ...). Everything else
+# a tool needs belongs in its rc file, which CONDARC / MAMBARC / HOME point it at. Never
+# passed: the worker's own settings (conda would read CONDA_CHANNEL_ALIAS and
+# CONDA_DEFAULT_CHANNELS as its own), HYPHA_* tokens, the server's secrets, PIP_*, and
+# the worker's own activation (CONDA_PREFIX, PYTHONPATH, ...).
+PACKAGE_MANAGER_PASSTHROUGH = (
+    "CONDARC",
+    "MAMBARC",
+    "MAMBA_ROOT_PREFIX",
+    "CONDA_PKGS_DIRS",
+    "CONDA_ENVS_PATH",
+    "XDG_CONFIG_HOME",
+    "XDG_CACHE_HOME",
+    "XDG_DATA_HOME",
+    "ALL_PROXY",
+    "all_proxy",
+    "CURL_CA_BUNDLE",
+    "CONDA_SSL_VERIFY",
+    "MAMBA_SSL_VERIFY",
+)
+PACKAGE_MANAGER_PREFIXES = ("CONDA_OVERRIDE_",)
+
+
+def package_manager_env(tool_dir: Path, *, host: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a conda/mamba/micromamba child: its config, never our secrets.
+
+    ``tool_dir`` (the folder holding the tool) goes first on PATH, so the tool finds
+    its own helpers and interpreter.
+    """
+    source = os.environ if host is None else host
+    env = clean_env(host=source)
+    env.update(
+        (key, value)
+        for key, value in source.items()
+        if key in PACKAGE_MANAGER_PASSTHROUGH or key.startswith(PACKAGE_MANAGER_PREFIXES)
+    )
+    env["PATH"] = f"{tool_dir}:{SYSTEM_PATH}"
+    return env

@@ -50,6 +50,12 @@ def _worker_parser() -> argparse.ArgumentParser:
         "--authorized-workspaces",
         help="comma-separated workspaces allowed to use the worker (HYPHA_AUTHORIZED_WORKSPACES)",
     )
+    add(
+        "--package-manager",
+        choices=["auto", "mamba", "micromamba", "conda", "rattler"],
+        help="what builds environments (CONDA_PACKAGE_MANAGER, default auto: mamba, then "
+        "micromamba, then conda from PATH, then the embedded solver)",
+    )
     add("--verbose", "-v", action="store_true", help="debug logging")
     add("--version", action="version", version=f"hypha-conda-plugin {__version__}")
     return parser
@@ -118,13 +124,16 @@ def _run_worker(argv: list[str]) -> int:
 async def _serve_worker(settings: Settings) -> int:
     from hypha_rpc import connect_to_server
 
+    from hypha_conda_plugin.envs.selection import select_package_manager
     from hypha_conda_plugin.worker import CondaWorker
 
+    selection = select_package_manager(settings)
+    manager = selection.chosen
     print("Starting Hypha conda worker", __version__)
+    print(f"  Package Manager: {manager}\n    ({selection.reason})")
     print(f"  Server URL: {settings.server_url}\n  Workspace: {settings.workspace}")
     print(f"  Service ID: {settings.service_id}\n  Visibility: {settings.visibility}")
     print(f"  Cache dir: {settings.cache_dir}\n  Working dir: {settings.working_dir}")
-    print("  Builder: embedded (py-rattler)")
     try:
         server = await connect_to_server(
             {
@@ -143,7 +152,10 @@ async def _serve_worker(settings: Settings) -> int:
     except Exception as error:
         print(f"  Isolation: unavailable, sessions will be refused: {error}", flush=True)
     service = await server.register_service(worker.service_definition())
-    print(f"Worker registered as {service.id}; press Ctrl+C to stop.", flush=True)
+    print(
+        f"Worker (using {manager}) registered as {service.id}; press Ctrl+C to stop.",
+        flush=True,
+    )
     stop = _stop_on_signals()
     await stop.wait()
     print("Stopping: shutting down sessions...", flush=True)

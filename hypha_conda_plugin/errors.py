@@ -19,6 +19,11 @@ class EnvironmentBuildError(CondaWorkerError):
     """The conda environment could not be solved or installed."""
 
 
+class PackageManagerError(EnvironmentBuildError):
+    """The package manager itself failed (crashed, broken, not executable), not the
+    request: the worker tries the next package manager in its order."""
+
+
 class SessionNotFoundError(CondaWorkerError):
     """No session with that id exists for the caller."""
 

@@ -45,7 +45,9 @@ class LocalServer:
     server_apps: bool = True
     plugin_env: Mapping[str, str] = field(default_factory=dict)
     wait_for_worker: bool = True
-    root_token: str = field(default_factory=lambda: "local-" + secrets.token_hex(24))
+    # 64+ characters: hypha refuses a shorter root token that happens to contain "123",
+    # "abc", ... (about 2% of 48 random hex digits did, and the server would not start).
+    root_token: str = field(default_factory=lambda: "local-" + secrets.token_hex(32))
     _processes: list[tuple[asyncio.subprocess.Process, IO[bytes]]] = field(default_factory=list)
     _server: asyncio.subprocess.Process | None = None
 

@@ -22,6 +22,7 @@ from hypha_conda_plugin.validation import MAX_TIME_LIMIT
 
 DEFAULT_CACHE_DIR = Path("~/.hypha_conda_cache")
 SUPPORTED_APP_TYPE = "conda-jupyter-kernel"
+PackageManagerChoice = Literal["auto", "mamba", "micromamba", "conda", "rattler"]
 
 
 class SettingsError(ValueError):
@@ -83,6 +84,13 @@ class Settings(BaseModel):
     channel_alias: str | None = None
     default_channels: tuple[str, ...] = ("conda-forge",)
     build_timeout: float = Field(default=1800.0, gt=0, allow_inf_nan=False)
+    # Which tool builds environments, and where ``auto`` looks for mamba and conda: the
+    # PATH and the CONDA_EXE / MAMBA_EXE the worker was started with (conda's and
+    # mamba's shell activation set those two). None means "not given": nothing found.
+    package_manager: PackageManagerChoice = "auto"
+    tool_search_path: str | None = None
+    conda_exe: str | None = None
+    mamba_exe: str | None = None
 
     # How kernels run.
     kernel_start_timeout: float = Field(default=120.0, gt=0, allow_inf_nan=False)
@@ -128,6 +136,11 @@ class Settings(BaseModel):
         # Absolute, resolved paths: environments are not relocatable (the prefix is
         # written into shebangs), and every containment check compares resolved paths.
         return value.expanduser().resolve()
+
+    @field_validator("package_manager", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("channel_alias")
     @classmethod
@@ -178,6 +191,10 @@ class Settings(BaseModel):
             "max_sessions_per_workspace": "CONDA_MAX_SESSIONS_PER_WORKSPACE",
             "idle_timeout": "CONDA_IDLE_TIMEOUT",
             "max_log_bytes": "CONDA_MAX_LOG_BYTES",
+            "package_manager": "CONDA_PACKAGE_MANAGER",
+            "tool_search_path": "PATH",
+            "conda_exe": "CONDA_EXE",
+            "mamba_exe": "MAMBA_EXE",
         }
         for field, variable in optional.items():
             if env.get(variable):
@@ -219,6 +236,8 @@ class Settings(BaseModel):
             base[field] = value
         if args.get("service_id"):
             base["service_id"] = args["service_id"]
+        if args.get("package_manager"):
+            base["package_manager"] = args["package_manager"]
         base["verbose"] = bool(args.get("verbose"))
         settings = cls._validated(base)
         missing = [

@@ -16,15 +16,23 @@ logger = logging.getLogger("hypha_conda_plugin")
 
 
 async def hypha_startup(server: Any) -> None:
+    if logger.level == logging.NOTSET:
+        # Hypha leaves the root logger at WARNING: without this, the start-up lines an
+        # operator looks for (which package manager, where the cache is) never show.
+        logger.setLevel(logging.INFO)
     try:
         settings = Settings.from_env()
     except Exception as error:
         logger.error("Conda worker not registered: %s", error)
         return
+    from hypha_conda_plugin.envs.selection import select_package_manager
     from hypha_conda_plugin.worker import CondaWorker
 
     config = getattr(server, "config", None) or {}
     server_url = config.get("local_base_url") or config.get("public_base_url")
+    selection = select_package_manager(settings)
+    log = logger.warning if selection.requested_missing else logger.info
+    log("Conda worker package manager: %s (%s)", selection.chosen, selection.reason)
     worker = CondaWorker(settings, server_url=server_url, in_server=True)
     try:
         await worker.prepare()

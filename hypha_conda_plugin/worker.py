@@ -19,9 +19,9 @@ from typing import Any
 from hypha_conda_plugin import __version__, validation
 from hypha_conda_plugin.aio import gather_or_cancel
 from hypha_conda_plugin.callbacks import DRAIN_TIMEOUT, Progress
-from hypha_conda_plugin.envs.builders import RattlerBuilder
 from hypha_conda_plugin.envs.bytecode import compile_remaining, seal
 from hypha_conda_plugin.envs.cache import EnvCache
+from hypha_conda_plugin.envs.selection import make_builder
 from hypha_conda_plugin.envs.spec import EnvSpec
 from hypha_conda_plugin.errors import (
     AnonymousCallerError,
@@ -89,15 +89,9 @@ class CondaWorker:
         self.settings = settings
         self.server_url = server_url or settings.server_url
         self.in_server = in_server
-        builder = RattlerBuilder(
-            pkgs_dir=settings.pkgs_dir,
-            repodata_cache_dir=settings.cache_dir / "repodata",
-            channel_alias=settings.channel_alias,
-            timeout=settings.build_timeout,
-        )
         self.envs = EnvCache(
             settings.envs_dir,
-            builder,
+            make_builder(settings),
             channel_alias=settings.channel_alias,
             platform=_platform(),
             pip_timeout=settings.build_timeout,

@@ -7,14 +7,9 @@ child, never the Hypha server that hosts the worker.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
-import os
-import signal
 import sys
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +17,11 @@ from typing import Protocol
 
 from hypha_conda_plugin.callbacks import Progress
 from hypha_conda_plugin.childenv import clean_env
+from hypha_conda_plugin.envs.child_process import ChildTimeout, run_child
 from hypha_conda_plugin.envs.spec import EnvSpec
-from hypha_conda_plugin.errors import EnvironmentBuildError
+from hypha_conda_plugin.errors import EnvironmentBuildError, PackageManagerError
 
 logger = logging.getLogger(__name__)
-
-
-STDERR_TAIL_LINES = 40
 
 
 @dataclass(frozen=True)
@@ -47,21 +40,6 @@ class Builder(Protocol):
     name: str
 
     async def build(self, spec: EnvSpec, prefix: Path, progress: Progress) -> BuildResult: ...
-
-
-async def _kill_group(process: asyncio.subprocess.Process) -> None:
-    """Kill a child started in its own session, and everything it started."""
-    if process.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    with contextlib.suppress(Exception):
-        await process.wait()
-
-
-async def _drain(stream: asyncio.StreamReader, tail: deque[str]) -> None:
-    async for raw in stream:
-        tail.append(raw.decode(errors="replace").rstrip())
 
 
 class RattlerBuilder:
@@ -91,61 +69,48 @@ class RattlerBuilder:
             "channel_alias": self.channel_alias,
             "specs": list(spec.conda),
         }
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "hypha_conda_plugin.envs.rattler_child",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
-            env=clean_env(extra={"PYTHONPATH": _package_root()}, pip_mirror=False),
-        )
-        stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
-        drain = asyncio.create_task(_drain(process.stderr, stderr_tail))
-        try:
-            process.stdin.write(json.dumps(job).encode())
-            await process.stdin.drain()
-            process.stdin.close()
-            outcome = await asyncio.wait_for(self._follow(process, progress), self.timeout)
-            await process.wait()
-        except asyncio.TimeoutError as error:  # the builtin only from Python 3.11
-            raise EnvironmentBuildError(
-                f"Building the environment took longer than {self.timeout:.0f} s and was "
-                "stopped. Pin versions to make the solve smaller, or raise "
-                "CONDA_BUILD_TIMEOUT."
-            ) from error
-        finally:
-            await _kill_group(process)
-            await asyncio.wait({drain}, timeout=5)
-            drain.cancel()
-        return self._result(outcome, process.returncode, stderr_tail, spec)
+        outcome: dict = {}
 
-    @staticmethod
-    async def _follow(process: asyncio.subprocess.Process, progress: Progress) -> dict | None:
-        outcome: dict | None = None
-        async for raw in process.stdout:
+        async def on_line(raw: bytes) -> None:
             try:
                 event = json.loads(raw)
             except ValueError:
-                logger.debug("rattler child: %s", raw.decode(errors="replace").rstrip())
-                continue
+                logger.debug("rattler child: %s", raw[:1000].decode(errors="replace").rstrip())
+                return
+            if not isinstance(event, dict):
+                return
             if event.get("event") == "progress":
                 await progress(
                     {
                         "type": "info",
                         "stage": f"build:{event.get('stage')}",
-                        "message": event.get("message", ""),
+                        "message": f"{self.name}: {event.get('message', '')}",
                         "progress": event.get("progress"),
                     }
                 )
             elif event.get("event") in ("done", "error"):
-                outcome = event
-        return outcome
+                outcome.clear()
+                outcome.update(event)
+
+        try:
+            result = await run_child(
+                [sys.executable, "-m", "hypha_conda_plugin.envs.rattler_child"],
+                env=clean_env(extra={"PYTHONPATH": _package_root()}, pip_mirror=False),
+                stdin=json.dumps(job).encode(),
+                timeout=self.timeout,
+                on_stdout=on_line,
+            )
+        except ChildTimeout as error:
+            raise EnvironmentBuildError(
+                f"Building the environment took longer than {self.timeout:.0f} s and was "
+                "stopped. Pin versions to make the solve smaller, or raise "
+                "CONDA_BUILD_TIMEOUT."
+            ) from error
+        return self._result(outcome or None, result.returncode, result.stderr_tail, spec)
 
     @staticmethod
     def _result(
-        outcome: dict | None, returncode: int | None, stderr_tail: deque[str], spec: EnvSpec
+        outcome: dict | None, returncode: int, stderr_tail: str, spec: EnvSpec
     ) -> BuildResult:
         if outcome and outcome["event"] == "done":
             return BuildResult(packages=tuple(outcome.get("packages", ())))
@@ -160,11 +125,17 @@ class RattlerBuilder:
                 ),
                 "install": "Check that the channels are reachable and the disk has space.",
             }
-            hint = hints.get(kind, "This is a bug in the worker; please report it.")
-            raise EnvironmentBuildError(f"Environment build failed ({kind}): {message}\n{hint}")
-        detail = "\n".join(stderr_tail) or "no output"
-        raise EnvironmentBuildError(
-            f"The environment builder exited unexpectedly (code {returncode}):\n{detail}"
+            if kind not in hints:
+                raise PackageManagerError(
+                    f"The embedded solver failed ({kind}): {message}\nThis is a bug in the "
+                    "worker; please report it."
+                )
+            raise EnvironmentBuildError(
+                f"Environment build failed ({kind}): {message}\n{hints[kind]}"
+            )
+        raise PackageManagerError(
+            f"The embedded solver exited unexpectedly (code {returncode}):\n"
+            + (stderr_tail or "no output")
         )
 
 
@@ -178,7 +149,7 @@ async def install_pip_packages(
         {"type": "info", "stage": "build:pip", "message": f"pip install {' '.join(requirements)}"}
     )
     python = prefix / "bin" / "python"
-    process = await asyncio.create_subprocess_exec(
+    argv = [
         str(python),
         "-m",
         "pip",
@@ -187,25 +158,21 @@ async def install_pip_packages(
         "--no-input",
         "--no-warn-script-location",
         *requirements,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        start_new_session=True,
-        env=clean_env(prefix, pip_mirror=True),
-    )
-    tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+    ]
     try:
-        await asyncio.wait_for(_drain(process.stdout, tail), timeout)
-        code = await process.wait()
-    except asyncio.TimeoutError as error:  # the builtin only from Python 3.11
+        # pip writes its errors to stderr and its log to stdout: the stderr tail is what
+        # explains a failure, without a limit on how long one of its lines may be.
+        result = await run_child(argv, env=clean_env(prefix, pip_mirror=True), timeout=timeout)
+    except ChildTimeout as error:
         raise EnvironmentBuildError(
             f"pip install took longer than {timeout:.0f} s and was stopped."
         ) from error
-    finally:
-        await _kill_group(process)
-    if code != 0:
+    except OSError as error:  # no python in the environment, argument list too long
+        raise EnvironmentBuildError(f"pip could not be started in {prefix}: {error}") from error
+    if result.returncode != 0:
         raise EnvironmentBuildError(
-            f"pip install {' '.join(requirements)} failed (exit {code}). Check the "
-            "manifest's pip requirements. pip said:\n" + "\n".join(tail)
+            f"pip install {' '.join(requirements)} failed (exit {result.returncode}). Check "
+            "the manifest's pip requirements. pip said:\n" + result.stderr_tail
         )
 
 
