@@ -41,3 +41,7 @@ class WorkspaceNotAuthorizedError(CondaWorkerError):
 
 class StagingError(CondaWorkerError):
     """A files_to_stage file or folder could not be copied into the session folder."""
+
+
+class InvalidTokenError(WorkspaceNotAuthorizedError):
+    """A token the worker needed to name the caller's workspace was missing or refused."""

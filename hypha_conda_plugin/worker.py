@@ -18,6 +18,7 @@ from typing import Any
 
 from hypha_conda_plugin import __version__
 from hypha_conda_plugin.app_files import AppFiles
+from hypha_conda_plugin.app_version import choose_version
 from hypha_conda_plugin.callbacks import notify
 from hypha_conda_plugin.childenv import clean_env
 from hypha_conda_plugin.envs.builders import RattlerBuilder
@@ -31,10 +32,14 @@ from hypha_conda_plugin.errors import (
     WorkspaceNotAuthorizedError,
 )
 from hypha_conda_plugin.kernel import Kernel
+from hypha_conda_plugin.load import worker_load
+from hypha_conda_plugin.service_schema import apply_schemas
 from hypha_conda_plugin.sessions import LOG_TYPES, Session, SessionManager, SessionState
 from hypha_conda_plugin.settings import SUPPORTED_APP_TYPE, Settings
+from hypha_conda_plugin.shared_identity import with_caller_identity
 from hypha_conda_plugin.stage_rules import parse_stage_rules
 from hypha_conda_plugin.staging import stage_files
+from hypha_conda_plugin.tokens import TokenVerifier
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +56,15 @@ class Caller:
     @property
     def is_root(self) -> bool:
         return self.user_id == "root"
+
+    @property
+    def is_app_controller(self) -> bool:
+        """Hypha's app controller (server-apps): it calls workers as the root user from the
+        server's own client in the ``public`` workspace (``ws == "public"``, ``from ==
+        "public/<server_id>"``), whichever workspace the app belongs to. No user client
+        can join ``public``; Hypha's MCP/HTTP adapters there are caught by
+        ``shared_identity`` before a call gets here."""
+        return self.is_root and self.workspace == "public"
 
     @classmethod
     def from_context(cls, context: Mapping[str, Any] | None) -> Caller:
@@ -86,14 +100,23 @@ class CondaWorker:
             pip_timeout=settings.build_timeout,
         )
         self.sessions = SessionManager(settings.working_dir, settings.max_log_entries)
+        # Checks app tokens and agents' tokens with the server this worker belongs to.
+        self.tokens = TokenVerifier(self.server_url)
 
     # ----------------------------------------------------------------- registration
     def service_definition(self) -> dict[str, Any]:
         """The Hypha service: a server-app-worker for conda-jupyter-kernel apps."""
         config: dict[str, Any] = {"visibility": self.settings.visibility, "require_context": True}
-        if self.settings.authorized_workspaces:
-            config["authorized_workspaces"] = list(self.settings.authorized_workspaces)
-        return {
+        if self.settings.visibility == "protected":
+            # Hypha lets a protected service be called from its own workspace and from
+            # the workspaces listed here. Its app controller calls workers from `public`
+            # (as root): listing `public` lets it through, and no user client can join
+            # `public`. Which app workspaces the controller may start sessions for is
+            # checked by the worker itself (_owner). Hypha accepts this list only on
+            # protected services; a public worker checks CONDA_AUTHORIZED_WORKSPACES alone.
+            listed = {*self.settings.authorized_workspaces, "public"}
+            config["authorized_workspaces"] = sorted(listed)
+        service = {
             "id": self.settings.service_id,
             "name": "Conda Environment Worker",
             "description": "Runs Python code in Jupyter kernels inside isolated conda "
@@ -112,7 +135,11 @@ class CondaWorker:
             "get_session_info": self.get_session_info,
             "compile": self.compile,
             "shutdown": self.shutdown,
+            "get_load": self.get_load,
         }
+        # Agent-readable schemas (what Hypha's MCP endpoint lists as tools), and a
+        # `token` argument naming callers that come through Hypha's MCP/HTTP adapters.
+        return apply_schemas(service, lambda method: with_caller_identity(method, self.tokens))
 
     # ----------------------------------------------------------------- public methods
     async def start(self, config: dict[str, Any], context: dict | None = None) -> str:
@@ -131,7 +158,7 @@ class CondaWorker:
                 f"This worker runs apps of type '{SUPPORTED_APP_TYPE}', not '{app_type}'."
             )
         session_id = _session_id(config.get("id"))
-        workspace = self._owner(caller, config)
+        workspace = await self._owner(caller, config)
         app_files = AppFiles.for_start(config, self.server_url)
         spec = EnvSpec.from_manifest(
             manifest, default_channels=self.settings.default_channels, for_app=app_files is not None
@@ -155,6 +182,8 @@ class CondaWorker:
             await progress(
                 {"type": "info", "stage": "start", "message": f"Starting session {session_id}"}
             )
+            if app_files is not None:
+                app_files = await choose_version(app_files, config, manifest, progress)
             session.env = await self.envs.acquire(spec, progress)
             await asyncio.to_thread(session.workdir.mkdir, parents=True, exist_ok=True)
             await asyncio.to_thread(session.runtime_dir.mkdir, parents=True, exist_ok=True)
@@ -287,7 +316,16 @@ class CondaWorker:
         parse_stage_rules(manifest.get("files_to_stage"))
         manifest = dict(manifest)
         manifest.setdefault("entry_point", "main.py")
+        for key in ("dependencies", "channels"):
+            if isinstance(manifest.get(key), str):
+                # Stored as the one-item list it means: Hypha's app model wants a list.
+                manifest[key] = [manifest[key]]
         return manifest, files
+
+    async def get_load(self, context: dict | None = None) -> float:
+        """How busy this worker is, for Hypha's ``select:min:get_load`` placement."""
+        self._authorize(context)
+        return worker_load(self.sessions.list())
 
     async def shutdown(self, context: dict | None = None) -> None:
         """Stop every session (worker going away)."""
@@ -300,21 +338,54 @@ class CondaWorker:
     # ----------------------------------------------------------------- helpers
     def _authorize(self, context: Mapping[str, Any] | None) -> Caller:
         caller = Caller.from_context(context)
-        allowed = self.settings.authorized_workspaces
-        if allowed and not caller.is_root and caller.workspace not in allowed:
+        if not caller.is_root and not self._workspace_allowed(caller.workspace):
             raise WorkspaceNotAuthorizedError(
                 f"Workspace '{caller.workspace}' may not use this worker; ask its operator to "
                 "add it to CONDA_AUTHORIZED_WORKSPACES."
             )
         return caller
 
-    @staticmethod
-    def _owner(caller: Caller, config: Mapping[str, Any]) -> str:
-        """The workspace a new session belongs to: the caller's, or for the server's own
-        app controller (root), the app's workspace it names."""
-        if caller.is_root and config.get("workspace"):
-            return str(config["workspace"])
-        return caller.workspace
+    def _workspace_allowed(self, workspace: str) -> bool:
+        """Whether sessions may belong to ``workspace``: the authorized list if there is
+        one; else, for a protected worker that knows its workspace (standalone), that
+        workspace alone, as Hypha itself allows; else any."""
+        listed = self.settings.authorized_workspaces
+        home = self.settings.workspace
+        if listed:
+            return workspace in listed or workspace == home
+        if home and self.settings.visibility == "protected":
+            return workspace == home
+        return True
+
+    async def _owner(self, caller: Caller, config: Mapping[str, Any]) -> str:
+        """The workspace a new session belongs to: the caller's; for the server (root) the
+        app's workspace the config names, which for the app controller must be proven by
+        the app's token (whoever starts an app can overwrite any config key through
+        Hypha's ``additional_kwargs``, but not forge a token for another workspace)."""
+        workspace = config.get("workspace")
+        if not (caller.is_root and workspace):
+            return caller.workspace
+        workspace = str(workspace)
+        if caller.is_app_controller:
+            user = await self.tokens.verify(config.get("token"))
+            if user.workspace != workspace:
+                raise WorkspaceNotAuthorizedError(
+                    f"The app's token was issued for workspace '{user.workspace}', but the "
+                    f"start names workspace '{workspace}'; an app runs in its own workspace."
+                )
+            session_id = str(config.get("id") or "")
+            if session_id and not session_id.startswith(f"{workspace}/"):
+                raise WorkspaceNotAuthorizedError(
+                    f"The app controller's session id '{session_id}' does not belong to "
+                    f"workspace '{workspace}'."
+                )
+        if not self._workspace_allowed(workspace):
+            raise WorkspaceNotAuthorizedError(
+                f"Apps of workspace '{workspace}' may not run on this worker; its operator "
+                "lists the workspaces it serves (CONDA_AUTHORIZED_WORKSPACES or "
+                "--authorized-workspaces; a protected standalone worker serves its own)."
+            )
+        return workspace
 
     def _session(self, session_id: str, context: Mapping[str, Any] | None) -> Session:
         caller = self._authorize(context)
@@ -323,6 +394,9 @@ class CondaWorker:
         try:
             return self.sessions.get(caller.workspace, session_id)
         except CondaWorkerError:
+            if caller.is_app_controller and "/" in session_id:
+                # The controller's ids are "<app workspace>/<client id>".
+                return self.sessions.get(session_id.split("/", 1)[0], session_id)
             if caller.is_root:
                 return self.sessions.find_any(session_id)
             raise

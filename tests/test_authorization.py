@@ -41,18 +41,43 @@ async def test_listed_workspaces_and_the_server_itself_are_allowed(worker):
 
 def test_service_carries_the_list_for_hypha_to_enforce_on_protected_services(worker):
     service = worker.service_definition()
-    assert service["config"]["authorized_workspaces"] == ["lab-a", "lab-b"]
+    # `public` too: Hypha's app controller calls workers from there (as root); the worker
+    # itself checks which workspaces' apps it starts.
+    assert service["config"]["authorized_workspaces"] == ["lab-a", "lab-b", "public"]
     assert service["config"]["require_context"] is True
     assert service["type"] == "server-app-worker"
     assert service["supported_types"] == ["conda-jupyter-kernel"]
 
 
+def test_a_public_worker_keeps_its_list_to_itself(tmp_path):
+    # Hypha refuses `authorized_workspaces` on a public service (the in-server worker's
+    # default), so the worker enforces CONDA_AUTHORIZED_WORKSPACES alone there.
+    settings = Settings(
+        cache_dir=tmp_path / "c",
+        working_dir=tmp_path / "w",
+        visibility="public",
+        authorized_workspaces=("lab-a",),
+    )
+    service = CondaWorker(settings).service_definition()
+    assert "authorized_workspaces" not in service["config"]
+
+
+async def test_a_protected_standalone_worker_serves_its_own_workspace_only(tmp_path):
+    settings = Settings(cache_dir=tmp_path / "c", working_dir=tmp_path / "w", workspace="ws-a")
+    worker = CondaWorker(settings)
+    assert await worker.list_sessions(context=context("ws-a")) == []
+    with pytest.raises(WorkspaceNotAuthorizedError, match="'ws-b' may not use"):
+        await worker.list_sessions(context=context("ws-b"))
+    listed = CondaWorker(settings.model_copy(update={"authorized_workspaces": ("lab-a",)}))
+    assert await listed.list_sessions(context=context("lab-a")) == []
+    assert await listed.list_sessions(context=context("ws-a")) == [], "its own stays allowed"
+
+
 async def test_a_user_cannot_claim_another_workspace_in_the_config(tmp_path):
     worker = CondaWorker(Settings(cache_dir=tmp_path / "c", working_dir=tmp_path / "w"))
-    owner = worker._owner  # the rule, applied to what start() receives
     from hypha_conda_plugin.worker import Caller
 
     mallory = Caller.from_context(context("mallory-ws"))
-    server = Caller.from_context(context("public", user="root"))
-    assert owner(mallory, {"workspace": "victim-ws"}) == "mallory-ws"
-    assert owner(server, {"workspace": "victim-ws"}) == "victim-ws"
+    in_process = Caller.from_context(None)  # code in the server process itself
+    assert await worker._owner(mallory, {"workspace": "victim-ws"}) == "mallory-ws"
+    assert await worker._owner(in_process, {"workspace": "victim-ws"}) == "victim-ws"
