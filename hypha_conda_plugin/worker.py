@@ -312,6 +312,16 @@ class CondaWorker:
         self, manifest: dict, files: list, config: dict | None = None, context: dict | None = None
     ) -> tuple[dict, list]:
         """Validate a manifest when an app is installed, so errors surface early."""
+        caller = self._authorize(context)
+        installing_for = (config or {}).get("workspace")
+        if caller.is_app_controller and installing_for:
+            # Hypha builds this config itself (no additional_kwargs): the installer's
+            # workspace. Refuse now rather than at every start.
+            if not self._workspace_allowed(str(installing_for)):
+                raise WorkspaceNotAuthorizedError(
+                    f"Apps of workspace '{installing_for}' may not run on this worker; "
+                    "install it with a worker that serves that workspace."
+                )
         EnvSpec.from_manifest(manifest, default_channels=self.settings.default_channels)
         parse_stage_rules(manifest.get("files_to_stage"))
         manifest = dict(manifest)
