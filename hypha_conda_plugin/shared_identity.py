@@ -20,6 +20,7 @@ from an adapter without one is refused with a message that says so.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -67,6 +68,9 @@ def with_caller_identity(
     @functools.wraps(method)
     async def call(*args: Any, token: object = None, context: Any = None, **kwargs: Any) -> Any:
         resolved = await caller_context(context, token, verifier)
-        return await method(*args, context=resolved, **kwargs)
+        result = await method(*args, context=resolved, **kwargs)
+        if is_shared_adapter(context):
+            return json.dumps(result, default=str)
+        return result
 
     return call
