@@ -118,3 +118,34 @@ async def test_an_app_started_at_an_older_version_runs_that_versions_files(clien
         await controller.start("two-versions", version="v0", wait_for_service=False, timeout=180)
     assert "main v0 sees data v0" in str(failure.value)
     assert "data v1" not in str(failure.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"stage": "yes"}, "config\\['stage'\\] must be true or false"),
+        ({"version": 1.5}, "config\\['version'\\] must be a version name"),
+        ({"stage": True, "version": "v0"}, "not both"),
+    ],
+)
+async def test_a_malformed_version_key_is_refused(config, message):
+    from hypha_conda_plugin.app_files import AppFiles
+    from hypha_conda_plugin.app_version import choose_version
+    from hypha_conda_plugin.errors import CondaWorkerError
+
+    async def quiet(_):
+        return None
+
+    files = AppFiles(base_url="http://127.0.0.1:9/ws/artifacts/app/files")
+    with pytest.raises(CondaWorkerError, match=message):
+        await choose_version(files, config, {}, quiet)
+
+
+def test_a_stored_manifest_matches_hyphas_model_dump_of_it():
+    from hypha_conda_plugin.app_version import _canonical, _is_subset
+
+    stored = {"name": "x", "dependencies": ["python"], "description": None}
+    dumped = {"name": "x", "dependencies": ["python"], "api_version": "0.1.0", "daemon": False}
+    bumped = dict(stored, version="0.2.0")
+    assert _is_subset(_canonical(stored), _canonical(dumped))
+    assert not _is_subset(_canonical(bumped), _canonical(dumped))
