@@ -81,3 +81,36 @@ async def test_a_user_cannot_claim_another_workspace_in_the_config(tmp_path):
     in_process = Caller.from_context(None)  # code in the server process itself
     assert await worker._owner(mallory, {"workspace": "victim-ws"}) == "mallory-ws"
     assert await worker._owner(in_process, {"workspace": "victim-ws"}) == "victim-ws"
+
+
+async def test_the_in_server_worker_registers_and_enforces_its_list(session_tmp, offline_channel):
+    # Public (the in-server default) with CONDA_AUTHORIZED_WORKSPACES: Hypha refuses the
+    # list on a public service, so the worker must register without it and check it.
+    from hypha_rpc import connect_to_server
+
+    from hypha_conda_plugin.local_server import LocalServer
+
+    server = LocalServer(
+        session_tmp / "listed-in-server",
+        s3=False,
+        server_apps=False,
+        plugin_env={
+            "CONDA_AUTHORIZED_WORKSPACES": "lab-a",
+            "CONDA_CHANNEL_ALIAS": offline_channel.alias_url,
+        },
+    )
+    async with server:  # waits until public/conda-worker is registered
+        for workspace, allowed in (("lab-a", True), ("lab-b", False)):
+            token = await server.user_token(workspace)
+            api = await connect_to_server(
+                {"server_url": server.url, "workspace": workspace, "token": token}
+            )
+            try:
+                worker = await api.get_service("public/conda-worker")
+                if allowed:
+                    assert await worker.list_sessions() == []
+                else:
+                    with pytest.raises(Exception, match="'lab-b' may not use this worker"):
+                        await worker.list_sessions()
+            finally:
+                await api.disconnect()
