@@ -72,6 +72,12 @@ def _serve_parser() -> argparse.ArgumentParser:
         "--data-dir", default=".hypha-local", help="folder for the server's database and logs"
     )
     parser.add_argument("--no-s3", action="store_true", help="run without the artifact manager")
+    parser.add_argument(
+        "--mcp",
+        action="store_true",
+        help="serve services as MCP tools too (Hypha's --enable-mcp), the worker at "
+        "/public/mcp/conda-worker/mcp",
+    )
     return parser
 
 
@@ -190,10 +196,12 @@ async def _serve_local(options: argparse.Namespace) -> int:
             "(pip install 'moto[server]' to have it)."
         )
         s3 = False
-    server = LocalServer(Path(options.data_dir), port=options.port, s3=s3)
+    server = LocalServer(Path(options.data_dir), port=options.port, s3=s3, mcp=options.mcp)
     stop = _stop_on_signals()
     async with server:
         print(f"Hypha server with the conda worker at {server.url}")
+        if options.mcp:
+            print(f"  MCP endpoint: {server.url}/public/mcp/conda-worker/mcp")
         print(f"  root token: {server.root_token}\n  logs: {server.log_path}", flush=True)
         await stop.wait()
     return 0

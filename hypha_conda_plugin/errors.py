@@ -66,3 +66,7 @@ class ConfigError(CondaWorkerError):
 
 class InvalidArgumentError(CondaWorkerError):
     """A number (or other scalar) a caller passed is of the wrong type or out of range."""
+
+
+class InvalidTokenError(WorkspaceNotAuthorizedError):
+    """A token the worker needed to name the caller's workspace was missing or refused."""

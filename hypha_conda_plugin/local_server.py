@@ -43,6 +43,10 @@ class LocalServer:
     port: int = 0
     s3: bool = True
     server_apps: bool = True
+    #: Serve services as MCP tools at /{workspace}/mcp/{service_id}/mcp (--enable-mcp).
+    mcp: bool = False
+    #: Register the in-server worker (our startup function); off for standalone setups.
+    in_server_worker: bool = True
     plugin_env: Mapping[str, str] = field(default_factory=dict)
     wait_for_worker: bool = True
     # 64+ characters: hypha refuses a shorter root token that happens to contain "123",
@@ -82,8 +86,6 @@ class LocalServer:
             str(self.port),
             "--root-token",
             self.root_token,
-            "--startup-functions",
-            "hypha_conda_plugin:hypha_startup",
             "--database-uri",
             f"sqlite+aiosqlite:///{self.workdir / 'hypha.db'}",
         ]
@@ -110,12 +112,16 @@ class LocalServer:
                 ]
             if self.server_apps:
                 args.append("--enable-server-apps")
+            if self.mcp:
+                args.append("--enable-mcp")
+            if self.in_server_worker:
+                args += ["--startup-functions", "hypha_conda_plugin:hypha_startup"]
             env = {**os.environ, **self.plugin_env}
             self._server = await self._spawn(
                 [sys.executable, "-m", "hypha.server", *args], "hypha.log", env
             )
             await self._wait_ready(f"{self.url}/health/readiness", "hypha.log")
-            if self.wait_for_worker:
+            if self.wait_for_worker and self.in_server_worker:
                 await self._wait_worker()
         except BaseException:
             await self.stop()

@@ -5,20 +5,23 @@ the manifest, the session id, the app whose files are read and from where. The r
 depend on who calls:
 
 - The server itself (Hypha's app controller, user ``root``) starts apps on behalf of a
-  workspace: it names the workspace, a ``workspace/client_id`` session id, and where the
-  app's files are (``app_files_base_url``, ``server_url``).
-- Anyone else starts sessions in their own workspace only. They may name an app
-  (``app_id`` or ``artifact_id``) of their own workspace, whose files the worker then
-  reads from its own server URL with the token the caller passed (the caller's own
-  rights); they may not choose URLs, so the worker never fetches from wherever a caller
-  points it.
+  workspace (which the worker has checked against the app's token before this), with a
+  ``workspace/client_id`` session id.
+- Anyone else starts sessions in their own workspace only, and may not set the
+  app-files URL or the server URL at all (a clear error).
+
+Either way the app's files are read from the worker's own server, under the session's
+workspace, with the token in the config (the app's, or the caller's own): the worker
+never fetches from a URL a config names. Even the app controller's config is not
+trusted for that: Hypha merges the starter's ``additional_kwargs`` into it, so its
+``app_files_base_url`` and ``server_url`` could be anyone's.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from hypha_conda_plugin import validation
@@ -45,6 +48,12 @@ class StartRequest:
     entry_timeout: float | None
     app_env: dict[str, str]
     progress_callback: Callable[[dict[str, Any]], Any] | None
+    config: Mapping[str, Any]
+    manifest: Mapping[str, Any]
+
+    def reading(self, app_files: AppFiles) -> StartRequest:
+        """The same start, reading the app's files as ``app_files`` says (its version)."""
+        return replace(self, app_files=app_files)
 
     @classmethod
     def parse(
@@ -56,8 +65,8 @@ class StartRequest:
         server_url: str | None,
         settings: Settings,
     ) -> StartRequest:
-        """Validate ``config`` for a caller of ``workspace`` (``from_server``: the app
-        controller acting for the workspace that ``config['workspace']`` names)."""
+        """Validate ``config`` for a session of ``workspace`` (``from_server``: the app
+        controller, acting for that workspace)."""
         config = dict(validation.options(config, "start()'s config"))
         manifest = config.get("manifest")
         if not isinstance(manifest, Mapping):
@@ -71,9 +80,10 @@ class StartRequest:
                 f"This worker runs apps of type '{SUPPORTED_APP_TYPE}', not '{app_type}'."
             )
         if from_server:
-            workspace = str(config.get("workspace") or workspace)
+            config = {k: v for k, v in config.items() if k not in SERVER_ONLY_KEYS}
         else:
-            config = _user_config(config, workspace)
+            _refuse_server_only_keys(config, workspace)
+        config = _own_app(config, workspace)
         session_id = _session_id(config.get("id"), workspace, from_server)
         app_files = AppFiles.for_start(config, server_url)
         spec = EnvSpec.from_manifest(
@@ -87,7 +97,7 @@ class StartRequest:
                 "controller, or remove files_to_stage from the manifest."
             )
         app_env = {
-            "HYPHA_SERVER_URL": config.get("server_url") or server_url,
+            "HYPHA_SERVER_URL": server_url,
             "HYPHA_WORKSPACE": workspace,
             "HYPHA_CLIENT_ID": config.get("client_id"),
             "HYPHA_TOKEN": config.get("token"),
@@ -110,11 +120,12 @@ class StartRequest:
             progress_callback=validation.callback(
                 config.get("progress_callback"), "config['progress_callback']"
             ),
+            config=config,
+            manifest=manifest,
         )
 
 
-def _user_config(config: dict[str, Any], workspace: str) -> dict[str, Any]:
-    """A direct caller's config with the app resolved in their own workspace."""
+def _refuse_server_only_keys(config: Mapping[str, Any], workspace: str) -> None:
     named = [key for key in SERVER_ONLY_KEYS if config.get(key)]
     if named:
         raise ConfigError(
@@ -128,14 +139,19 @@ def _user_config(config: dict[str, Any], workspace: str) -> dict[str, Any]:
             f"config['workspace'] is '{claimed}', but you call from workspace '{workspace}'; "
             "sessions always belong to the caller's workspace. Leave 'workspace' out."
         )
+
+
+def _own_app(config: dict[str, Any], workspace: str) -> dict[str, Any]:
+    """The config with its app (if any) named as ``workspace/alias`` in the session's own
+    workspace: an app of another workspace is refused."""
     artifact = config.get("artifact_id") or config.get("app_id")
     if artifact:
         artifact = _optional_str(artifact, "artifact_id")
         owner, _, alias = artifact.rpartition("/")
         if owner and owner != workspace:
             raise ConfigError(
-                f"artifact_id '{artifact}' belongs to workspace '{owner}'; a direct start may "
-                f"only name apps of your own workspace '{workspace}'."
+                f"artifact_id '{artifact}' belongs to workspace '{owner}'; a session may only "
+                f"read apps of its own workspace '{workspace}'."
             )
         if not alias or "/" in alias:
             raise ConfigError(f"artifact_id '{artifact}' is not 'workspace/alias' or 'alias'.")

@@ -18,6 +18,7 @@ from typing import Any
 
 from hypha_conda_plugin import __version__, validation
 from hypha_conda_plugin.aio import gather_or_cancel
+from hypha_conda_plugin.app_version import choose_version
 from hypha_conda_plugin.callbacks import DRAIN_TIMEOUT, Progress
 from hypha_conda_plugin.envs.bytecode import compile_remaining, seal
 from hypha_conda_plugin.envs.cache import EnvCache
@@ -35,13 +36,17 @@ from hypha_conda_plugin.errors import (
 from hypha_conda_plugin.instances import WorkingRoot
 from hypha_conda_plugin.kernel import Kernel
 from hypha_conda_plugin.launcher import KernelLauncher, session_bootstrap
+from hypha_conda_plugin.load import worker_load
 from hypha_conda_plugin.pool import KernelPool
 from hypha_conda_plugin.sandbox import Sandbox, detect_sandbox, make_worker_non_dumpable
+from hypha_conda_plugin.service_schema import apply_schemas
 from hypha_conda_plugin.sessions import LOG_TYPES, Session, SessionManager, SessionState
 from hypha_conda_plugin.settings import SUPPORTED_APP_TYPE, Settings
+from hypha_conda_plugin.shared_identity import with_caller_identity
 from hypha_conda_plugin.stage_rules import parse_stage_rules
 from hypha_conda_plugin.staging import stage_files
 from hypha_conda_plugin.start_request import StartRequest
+from hypha_conda_plugin.tokens import TokenVerifier
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,15 @@ class Caller:
         """The server itself (its app controller, its admins): only Hypha can say so, in
         the context it attaches to every call of a ``require_context`` service."""
         return self.user_id == "root"
+
+    @property
+    def is_app_controller(self) -> bool:
+        """Hypha's app controller (server-apps): it calls workers as the root user from the
+        server's own client in the ``public`` workspace (``ws == "public"``, ``from ==
+        "public/<server_id>"``), whichever workspace the app belongs to. No user client
+        can join ``public``; Hypha's MCP/HTTP adapters there are caught by
+        ``shared_identity`` before a call gets here."""
+        return self.is_root and self.workspace == "public"
 
     @classmethod
     def from_context(cls, context: Mapping[str, Any] | None) -> Caller:
@@ -99,6 +113,8 @@ class CondaWorker:
         )
         self._background: set[asyncio.Task[Any]] = set()
         self.sessions = SessionManager(settings.max_log_entries, settings.max_log_bytes)
+        # Checks app tokens and agents' tokens with the server this worker belongs to.
+        self.tokens = TokenVerifier(self.server_url)
         self.root = WorkingRoot(settings.working_dir)
         self.sandbox: Sandbox | None = None
         self.launcher: KernelLauncher | None = None
@@ -180,9 +196,16 @@ class CondaWorker:
     def service_definition(self) -> dict[str, Any]:
         """The Hypha service: a server-app-worker for conda-jupyter-kernel apps."""
         config: dict[str, Any] = {"visibility": self.settings.visibility, "require_context": True}
-        if self.settings.authorized_workspaces:
-            config["authorized_workspaces"] = list(self.settings.authorized_workspaces)
-        return {
+        if self.settings.visibility == "protected":
+            # Hypha lets a protected service be called from its own workspace and from
+            # the workspaces listed here. Its app controller calls workers from `public`
+            # (as root): listing `public` lets it through, and no user client can join
+            # `public`. Which app workspaces the controller may start sessions for is
+            # checked by the worker itself (_owner). Hypha accepts this list only on
+            # protected services; a public worker checks CONDA_AUTHORIZED_WORKSPACES alone.
+            listed = {*self.settings.authorized_workspaces, "public"}
+            config["authorized_workspaces"] = sorted(listed)
+        service = {
             "id": self.settings.service_id,
             "name": "Conda Environment Worker",
             "description": "Runs Python code in Jupyter kernels inside isolated conda "
@@ -202,7 +225,11 @@ class CondaWorker:
             "get_status": self.get_status,
             "compile": self.compile,
             "shutdown": self.shutdown,
+            "get_load": self.get_load,
         }
+        # Agent-readable schemas (what Hypha's MCP endpoint lists as tools), and a
+        # `token` argument naming callers that come through Hypha's MCP/HTTP adapters.
+        return apply_schemas(service, lambda method: with_caller_identity(method, self.tokens))
 
     # ----------------------------------------------------------------- public methods
     async def start(self, config: dict[str, Any], context: dict | None = None) -> str:
@@ -210,7 +237,7 @@ class CondaWorker:
         caller = self._authorize(context)
         request = StartRequest.parse(
             config,
-            workspace=caller.workspace,
+            workspace=await self._owner(caller, config),
             from_server=caller.is_root,
             server_url=self.server_url,
             settings=self.settings,
@@ -233,6 +260,12 @@ class CondaWorker:
             await progress(
                 {"type": "info", "stage": "start", "message": f"Starting session {session.id}"}
             )
+            if request.app_files is not None:
+                request = request.reading(
+                    await choose_version(
+                        request.app_files, request.config, request.manifest, progress
+                    )
+                )
             session.env = await self.envs.acquire(request.spec, progress)
             await self._start_kernel(session, request, progress)
             if session.kernel is not None and request.app_env:
@@ -494,12 +527,30 @@ class CondaWorker:
         self, manifest: dict, files: list, config: dict | None = None, context: dict | None = None
     ) -> tuple[dict, list]:
         """Validate a manifest when an app is installed, so errors surface early."""
-        self._authorize(context)
+        caller = self._authorize(context)
+        installing_for = (config or {}).get("workspace")
+        if caller.is_app_controller and installing_for:
+            # Hypha builds this config itself (no additional_kwargs): the installer's
+            # workspace. Refuse now rather than at every start.
+            if not self._workspace_allowed(str(installing_for)):
+                raise WorkspaceNotAuthorizedError(
+                    f"Apps of workspace '{installing_for}' may not run on this worker; "
+                    "install it with a worker that serves that workspace."
+                )
         EnvSpec.from_manifest(manifest, default_channels=self.settings.default_channels)
         parse_stage_rules(manifest.get("files_to_stage"))
         manifest = dict(manifest)
         manifest.setdefault("entry_point", "main.py")
+        for key in ("dependencies", "channels"):
+            if isinstance(manifest.get(key), str):
+                # Stored as the one-item list it means: Hypha's app model wants a list.
+                manifest[key] = [manifest[key]]
         return manifest, files
+
+    async def get_load(self, context: dict | None = None) -> float:
+        """How busy this worker is, for Hypha's ``select:min:get_load`` placement."""
+        self._authorize(context)
+        return worker_load(self.sessions.list())
 
     async def shutdown(self, context: dict | None = None) -> None:
         """Stop every session (the server's own call when it goes away)."""
@@ -531,13 +582,48 @@ class CondaWorker:
                 "and call again; the operator can admit visitors with "
                 "CONDA_ALLOW_ANONYMOUS=true."
             )
-        allowed = self.settings.authorized_workspaces
-        if allowed and not caller.is_root and caller.workspace not in allowed:
+        if not caller.is_root and not self._workspace_allowed(caller.workspace):
             raise WorkspaceNotAuthorizedError(
                 f"Workspace '{caller.workspace}' may not use this worker; ask its operator to "
                 "add it to CONDA_AUTHORIZED_WORKSPACES."
             )
         return caller
+
+    def _workspace_allowed(self, workspace: str) -> bool:
+        """Whether sessions may belong to ``workspace``: the authorized list if there is
+        one; else, for a protected worker that knows its workspace (standalone), that
+        workspace alone, as Hypha itself allows; else any."""
+        listed = self.settings.authorized_workspaces
+        home = self.settings.workspace
+        if listed:
+            return workspace in listed or workspace == home
+        if home and self.settings.visibility == "protected":
+            return workspace == home
+        return True
+
+    async def _owner(self, caller: Caller, config: object) -> str:
+        """The workspace a new session belongs to: the caller's; for the server (root) the
+        app's workspace the config names, which for the app controller must be proven by
+        the app's token (whoever starts an app can overwrite any config key through
+        Hypha's ``additional_kwargs``, but not forge a token for another workspace)."""
+        workspace = config.get("workspace") if isinstance(config, Mapping) else None
+        if not (caller.is_root and workspace):
+            return caller.workspace
+        workspace = str(workspace)
+        if caller.is_app_controller:
+            user = await self.tokens.verify(config.get("token"))
+            if user.workspace != workspace:
+                raise WorkspaceNotAuthorizedError(
+                    f"The app's token was issued for workspace '{user.workspace}', but the "
+                    f"start names workspace '{workspace}'; an app runs in its own workspace."
+                )
+        if not self._workspace_allowed(workspace):
+            raise WorkspaceNotAuthorizedError(
+                f"Apps of workspace '{workspace}' may not run on this worker; its operator "
+                "lists the workspaces it serves (CONDA_AUTHORIZED_WORKSPACES or "
+                "--authorized-workspaces; a protected standalone worker serves its own)."
+            )
+        return workspace
 
     def _session(self, session_id: str, context: Mapping[str, Any] | None) -> Session:
         """The caller's session; the server finds one by the workspace in a
@@ -548,7 +634,8 @@ class CondaWorker:
         try:
             return self.sessions.get(caller.workspace, session_id)
         except SessionNotFoundError:
-            if caller.is_root and "/" in session_id:
+            if caller.is_app_controller and "/" in session_id:
+                # The controller's ids are "<app workspace>/<client id>".
                 return self.sessions.get(session_id.split("/", 1)[0], session_id)
             raise
 

@@ -202,6 +202,7 @@ def test_the_deployment_files_exist():
         CHART / "values.schema.json",
         REPO / "helm" / "README.md",
         *(TEMPLATES / n for n in ("_helpers.tpl", "deployment.yaml", "secret.yaml", "pvc.yaml")),
+        *(TEMPLATES / f"server-{n}.yaml" for n in ("deployment", "service", "pvc")),
         TEMPLATES / "NOTES.txt",
     ]:
         assert path.is_file(), f"missing {path.relative_to(REPO)}"
@@ -612,7 +613,18 @@ def test_every_value_is_described_in_the_schema():
     check(values(), schema()["properties"], "")
 
 
-@pytest.mark.parametrize("name", ["deployment.yaml", "secret.yaml", "pvc.yaml", "_helpers.tpl"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "deployment.yaml",
+        "secret.yaml",
+        "pvc.yaml",
+        "_helpers.tpl",
+        "server-deployment.yaml",
+        "server-service.yaml",
+        "server-pvc.yaml",
+    ],
+)
 def test_template_blocks_balance(name):
     text = templates()[name]
     assert text.count("{{") == text.count("}}")
@@ -668,8 +680,10 @@ def test_deployment_template_runs_the_standalone_worker():
     assert re.search(r"HYPHA_SERVICE_ID\s+value: \"[^\"]*-\$\(POD_NAME\)\"", text)
     assert "fieldPath: metadata.name" in text
     # Installing without the required values fails with a message, not a broken pod.
-    for path in ("hypha.serverUrl", "hypha.workspace"):
-        assert re.search(r'required "[^"]+" \.Values\.' + re.escape(path) + r"\b", text), path
+    assert re.search(r'required "[^"]+" \.Values\.hypha\.workspace\b', text)
+    # The server URL: hypha.serverUrl, or this chart's own server in the in-server layout.
+    assert re.search(r'required "[^"]+" \(include "hypha-conda-worker\.serverUrl" \.\)', text)
+    assert ".Values.hypha.serverUrl" in templates()["_helpers.tpl"]
     assert "secretKeyRef" in text and 'include "hypha-conda-worker.tokenSecretName"' in text
 
 
@@ -863,3 +877,167 @@ def test_rendered_chart_is_valid_kubernetes_and_configures_the_worker(variant):
     else:
         assert container["image"] == f"hypha-conda-plugin:{hypha_conda_plugin.__version__}"
     assert "rel" in out["NOTES.txt"] and "https://hypha.example.org" in out["NOTES.txt"]
+
+
+# ------------------------------------------------------- Helm: the in-server layout
+# The values block of Hypha's conda-worker documentation, as users copy it.
+
+SPEC_VALUES_BLOCK = """
+# Configure built-in conda worker
+condaWorker:
+  enabled: true
+  workingDir: "/tmp/conda-sessions"  # Temporary storage for session data
+  cacheDir: "/data/conda-cache"       # Persistent storage for environment cache (optional)
+  authorizedWorkspaces: ""             # Empty means all workspaces
+
+# Add conda worker to startup functions
+env:
+  - name: HYPHA_STARTUP_FUNCTIONS
+    value: "hypha.workers.conda:hypha_startup"
+
+# Optional: Enable persistent storage only if you want to cache conda environments
+# This can significantly speed up environment creation
+persistence:
+  enabled: true
+  size: 10Gi
+  accessModes:
+    - ReadWriteMany
+"""
+
+
+def spec_values(keep_env: bool = False) -> dict[str, Any]:
+    block = yaml.safe_load(SPEC_VALUES_BLOCK)
+    if not keep_env:
+        del block["env"]
+    return block
+
+
+IN_SERVER_VARIANTS = {
+    "documented-block": spec_values(),
+    "no-persistence": merged(spec_values(), {"persistence": {"enabled": False}}),
+    "listed-and-configured": merged(
+        spec_values(),
+        {
+            "condaWorker": {
+                "authorizedWorkspaces": ["lab-a", "lab-b"],
+                "workingDir": "/scratch/sessions",
+            },
+            "persistence": {"accessModes": ["ReadWriteOnce"], "storageClass": "fast"},
+            "conda": {"channelAlias": "https://mirror.example.org/conda/", "buildTimeout": 600},
+            "env": [{"name": "CONDA_KERNEL_START_TIMEOUT", "value": "300"}],
+            "server": {"port": 9520, "extraArgs": ["--public-base-url=https://h.example.org"]},
+        },
+    ),
+    "with-standalone-workers": merged(
+        spec_values(),
+        {"hypha": {"workspace": "my-workspace"}, "token": {"existingSecret": "worker-token"}},
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", IN_SERVER_VARIANTS)
+def test_in_server_layout_is_valid_kubernetes_and_configures_the_worker(variant):
+    overrides = IN_SERVER_VARIANTS[variant]
+    full = merged(values(), overrides)
+    assert schema_errors(full) == []
+    out = render(overrides)
+    docs = [d for name, ds in out.items() if name != "NOTES.txt" for d in ds]
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    workers = bool(full["hypha"]["workspace"])
+    expected = ["Deployment", "Service"]
+    expected += ["PersistentVolumeClaim"] if full["persistence"]["enabled"] else []
+    expected += ["Deployment"] if workers else []
+    assert sorted(d["kind"] for d in docs) == sorted(expected)
+
+    (server,) = out["server-deployment.yaml"]
+    pod, container = pod_checks(server)
+    env = k8s_env(container, {})
+    startup = server_startup(container["args"], env)
+    assert startup["startup"] == STARTUP and startup["host"] == "0.0.0.0"
+    port = full["server"]["port"]
+    assert startup["port"] == str(port) == str(container["ports"][0]["containerPort"])
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"].startswith("/health/")
+
+    # The worker inside the server reads exactly what the values say.
+    settings = Settings.from_env(env)
+    conda_worker = full["condaWorker"]
+    assert settings.working_dir == Path(conda_worker["workingDir"]).resolve()
+    assert settings.cache_dir == Path(conda_worker["cacheDir"]).resolve()
+    listed = conda_worker["authorizedWorkspaces"]
+    listed = listed if isinstance(listed, list) else [w for w in listed.split(",") if w]
+    assert settings.authorized_workspaces == tuple(listed)
+    if "conda" in overrides:
+        assert settings.channel_alias == overrides["conda"]["channelAlias"]
+        assert settings.build_timeout == overrides["conda"]["buildTimeout"]
+        assert env["CONDA_KERNEL_START_TIMEOUT"] == "300"
+        assert follows(container["args"], "--public-base-url", "https://h.example.org")
+
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    cache_volume = volumes[mounts[next(p for p in mounts if mounted(settings.cache_dir, [p]))]]
+    if full["persistence"]["enabled"]:
+        (claim,) = out["server-pvc.yaml"]
+        assert cache_volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        assert claim["spec"]["accessModes"] == full["persistence"]["accessModes"]
+        assert claim["spec"]["resources"]["requests"]["storage"] == full["persistence"]["size"]
+    else:
+        assert "emptyDir" in cache_volume
+    ephemeral = [p for p, name in mounts.items() if "emptyDir" in volumes[name]]
+    work_mount = max((p for p in ephemeral if mounted(settings.working_dir, [p])), key=len)
+    assert not mounted(settings.working_dir, [p for p in mounts if p not in ephemeral])
+    assert work_mount
+
+    (service,) = out["server-service.yaml"]
+    assert service["spec"]["selector"].items() <= pod_labels(server).items()
+    assert service["spec"]["ports"][0]["port"] == port
+    if workers:
+        (deployment,) = out["deployment.yaml"]
+        # The two Deployments' selectors never claim each other's pods.
+        assert (
+            not deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels(server).items()
+        )
+        assert (
+            not server["spec"]["selector"]["matchLabels"].items() <= pod_labels(deployment).items()
+        )
+        _, worker = pod_checks(deployment)
+        worker_settings = Settings.from_cli({}, k8s_env(worker, {"worker-token/token": "t"}))
+        assert worker_settings.server_url == f"http://{service['metadata']['name']}:{port}"
+    else:
+        assert not out.get("deployment.yaml") and not out.get("secret.yaml")
+    assert "public/conda-worker" in out["NOTES.txt"]
+
+
+def test_the_documented_block_as_copied_is_refused_with_what_to_change():
+    # Its env entry starts Hypha's *built-in* worker; the chart wires ours itself.
+    with pytest.raises(Exception, match="Remove HYPHA_STARTUP_FUNCTIONS from env"):
+        render(spec_values(keep_env=True))
+
+
+def test_in_server_layout_lints_without_warnings():
+    import helm_python
+
+    report = helm_python.lint(CHART, spec_values(), strict=True, kube_version=f"v{K8S_VERSION}.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not problems, report
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"condaWorker__workingDir": "sessions"}, "relative working dir"),
+        ({"condaWorker__workingDir": "/tmp"}, "working dir that is the whole /tmp mount"),
+        ({"condaWorker__cacheDir": "/home/hypha"}, "cache on HOME's mount"),
+        ({"condaWorker__authorizedWorkspaces": "a b"}, "workspaces separated by a space"),
+        ({"condaWorker__enable": True}, "misspelled condaWorker key"),
+        ({"persistence__accessModes": ["ReadWriteAll"]}, "unknown access mode"),
+        ({"persistence__size": "big"}, "size that is no quantity"),
+        ({"server__port": 0}, "port 0"),
+        ({"server__extraArgs": ["public-base-url"]}, "argument without --"),
+        ({"env": [{"value": "x"}]}, "env item without a name"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else "",
+)
+def test_schema_rejects_bad_in_server_values(changes, reason):
+    assert schema_errors(with_values(**changes)), f"accepted: {reason}"

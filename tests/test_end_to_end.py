@@ -236,7 +236,7 @@ async def test_duplicate_running_id_is_refused(conda_worker, ready_session):
 
 async def test_bad_manifest_gets_a_clear_error(conda_worker):
     with pytest.raises(Exception, match="'dependencies' must be a list"):
-        await conda_worker.start({"manifest": {"dependencies": "numpy"}})
+        await conda_worker.start({"manifest": {"dependencies": 42}})
     with pytest.raises(Exception, match="only mapping allowed is"):
         await conda_worker.start({"manifest": {"dependencies": [{"conda": ["x"]}]}})
     with pytest.raises(Exception, match="needs config\\['manifest'\\]"):

@@ -59,13 +59,15 @@ def test_channel_names_resolve_under_the_alias_and_urls_pass_through():
 @pytest.mark.parametrize(
     ("manifest", "message"),
     [
-        ({"dependencies": "numpy"}, "'dependencies' must be a list"),
+        ({"dependencies": 3}, "'dependencies' must be a list"),
+        ({"dependencies": "numpy\nrm -rf /"}, "empty or multi-line"),
         ({"dependencies": [3]}, "must be a string"),
         ({"dependencies": ["  "]}, "empty or multi-line"),
         ({"dependencies": ["numpy\nrm -rf /"]}, "empty or multi-line"),
         ({"dependencies": [{"conda": ["x"]}]}, "only mapping allowed"),
         ({"dependencies": [{"pip": "requests"}]}, "'pip' must be a list"),
-        ({"channels": "conda-forge"}, "'channels' must be a list"),
+        ({"channels": 5}, "'channels' must be a list"),
+        ({"channels": "--override-channels"}, "looks like a command-line option"),
         ({"dependencies": [{"pip": ["-r /etc/shadow"]}]}, "looks like a command-line option"),
         ({"dependencies": ["--override-channels"]}, "looks like a command-line option"),
     ],
@@ -73,3 +75,14 @@ def test_channel_names_resolve_under_the_alias_and_urls_pass_through():
 def test_malformed_manifests_are_refused_with_a_helpful_message(manifest, message):
     with pytest.raises(ManifestError, match=message):
         EnvSpec.from_manifest(manifest)
+
+
+def test_a_single_string_is_a_one_item_list_as_in_hyphas_own_worker():
+    # `dependencies: python=3.11` and `channels: conda-forge` in a YAML manifest written
+    # for Hypha's built-in worker, which reads either as a list of one.
+    as_strings = {"dependencies": "numpy", "channels": "conda-forge"}
+    as_lists = {"dependencies": ["numpy"], "channels": ["conda-forge"]}
+    spec = EnvSpec.from_manifest(as_strings)
+    assert spec == EnvSpec.from_manifest(as_lists)
+    assert "numpy" in spec.conda and spec.channels == ("conda-forge",)
+    assert key(as_strings) == key(as_lists)

@@ -90,7 +90,9 @@ class EnvSpec:
     def _split_dependencies(raw: object) -> tuple[tuple[str, ...], tuple[str, ...]]:
         if raw is None:
             return (), ()
-        if isinstance(raw, str) or not isinstance(raw, Iterable):
+        if isinstance(raw, str):
+            raw = [raw]  # Hypha's own worker reads a single string as a one-item list.
+        if not isinstance(raw, Iterable):
             raise ManifestError(
                 "manifest 'dependencies' must be a list, e.g. ['python=3.11', 'numpy', "
                 f"{{'pip': ['requests']}}], got {type(raw).__name__}."
@@ -117,7 +119,9 @@ class EnvSpec:
     def _channels(raw: object, default: Sequence[str]) -> tuple[str, ...]:
         if raw is None or raw == []:
             return tuple(default)
-        if isinstance(raw, str) or not isinstance(raw, Iterable):
+        if isinstance(raw, str):
+            raw = [raw]  # `channels: conda-forge` in YAML, as Hypha's own worker reads it.
+        if not isinstance(raw, Iterable):
             raise ManifestError(
                 f"manifest 'channels' must be a list such as ['conda-forge'], got {raw!r}."
             )

@@ -60,3 +60,55 @@ token
 {{- define "hypha-conda-worker.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
+
+{{/* ------------------------------------------------------------ in-server layout */}}
+
+{{/* Whether the standalone workers are deployed: always on their own; next to the
+in-server worker only when a workspace for them is given. */}}
+{{- define "hypha-conda-worker.standaloneEnabled" -}}
+{{- if and (gt (int .Values.replicaCount) 0) (or (not .Values.condaWorker.enabled) .Values.hypha.workspace) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{- define "hypha-conda-worker.serverName" -}}
+{{- printf "%s-server" (include "hypha-conda-worker.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The server pods carry their own name label, so the workers' selector (name and
+instance) never matches them. */}}
+{{- define "hypha-conda-worker.serverSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-server" (include "hypha-conda-worker.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: server
+{{- end -}}
+
+{{- define "hypha-conda-worker.serverLabels" -}}
+helm.sh/chart: {{ include "hypha-conda-worker.chart" . }}
+{{ include "hypha-conda-worker.serverSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Where the standalone workers connect: hypha.serverUrl, else this chart's server. */}}
+{{- define "hypha-conda-worker.serverUrl" -}}
+{{- if .Values.hypha.serverUrl -}}
+{{- .Values.hypha.serverUrl -}}
+{{- else if .Values.condaWorker.enabled -}}
+{{- printf "http://%s:%v" (include "hypha-conda-worker.serverName" .) .Values.server.port -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "hypha-conda-worker.serverCacheClaimName" -}}
+{{- printf "%s-cache" (include "hypha-conda-worker.serverName" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* CONDA_AUTHORIZED_WORKSPACES from a comma-separated string or a list. */}}
+{{- define "hypha-conda-worker.serverAuthorizedWorkspaces" -}}
+{{- $value := .Values.condaWorker.authorizedWorkspaces -}}
+{{- if kindIs "slice" $value -}}
+{{- join "," $value -}}
+{{- else -}}
+{{- $value | toString -}}
+{{- end -}}
+{{- end -}}
