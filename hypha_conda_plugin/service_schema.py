@@ -165,6 +165,13 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         {"session_id": SESSION_ID, "token": TOKEN},
         required=["session_id"],
     ),
+    "get_status": _function(
+        "get_status",
+        "How this worker is doing: which isolation its sessions get (sandbox or not, and "
+        "what that guarantees), how many sessions run (in all and yours) against its "
+        "limits, and how many warm kernels wait per environment.",
+        {"token": TOKEN},
+    ),
     "get_load": _function(
         "get_load",
         "How busy this worker is, as one number (lower is less busy): 1 per live session, "
