@@ -48,6 +48,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any, Literal
 
+import zmq
+import zmq.asyncio
 from jupyter_client import AsyncKernelClient, AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 
@@ -73,6 +75,12 @@ DEATH_DRAIN = 1.0
 SHUTDOWN_WAIT = 2.0
 # Unix socket paths are limited to ~107 bytes; beyond that fall back to TCP on localhost.
 IPC_PATH_LIMIT = 90
+# After the shell reply, how long IOPub may take to deliver the cell's ``idle`` before the
+# cell is finished without it (a message over the size limit drops the connection, and
+# what it carried, ``idle`` included, is lost).
+IDLE_AFTER_REPLY = 2.0
+# Room for a message's headers and metadata beyond the output cap.
+MESSAGE_SLACK = 1024 * 1024
 # How much of the kernel's own output a start failure quotes.
 LOG_TAIL_LINES = 40
 LOG_TAIL_BYTES = 16_384
@@ -161,6 +169,61 @@ async def _iopub_echo(client: AsyncKernelClient, msg_id: str) -> None:
         msg = await client.get_iopub_msg()
         if msg["parent_header"].get("msg_id") == msg_id:
             return
+
+
+_CONTEXTS: dict[int, zmq.asyncio.Context] = {}
+
+
+def _shared_context(max_message_bytes: int) -> zmq.asyncio.Context:
+    """One ZeroMQ context for all kernels (with the same output cap) of the process.
+
+    jupyter_client gives every manager and every client a context of its own, each with
+    an I/O thread: two threads per kernel inside the Hypha server. A shared context
+    costs one. It also carries ``MAXMSGSIZE`` for every socket made from it: a kernel
+    whose code sends one huge message (past the output cap, which the kernel bootstrap
+    would have split) is disconnected by ZeroMQ before the message is ever held in the
+    server's memory or parsed on its event loop.
+    """
+    context = _CONTEXTS.get(max_message_bytes)
+    if context is None or context.closed:
+        context = zmq.asyncio.Context()
+        context.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        _CONTEXTS[max_message_bytes] = context
+    return context
+
+
+async def _iopub_until_idle(client: AsyncKernelClient, msg_id: str, cell: CellOutputs) -> None:
+    while True:
+        msg = await client.get_iopub_msg()
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return
+        await cell.handle(msg)
+
+
+async def _reopen_iopub(client: AsyncKernelClient) -> None:
+    """A fresh IOPub connection after ZeroMQ dropped one for an oversized message.
+
+    ZeroMQ treats that as a protocol error and never reconnects the socket, so without
+    this every later cell of the session would run blind. jupyter_client makes a new
+    channel when its attribute is empty (no public API for it); the handshake proves the
+    new subscription is live before the next cell runs.
+    """
+    old = client._iopub_channel
+    client._iopub_channel = None
+    if old is not None:
+        old.close()
+    client.iopub_channel.start()
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(_handshake(client), 10)
+
+
+async def _shell_reply(client: AsyncKernelClient, msg_id: str) -> dict[str, Any]:
+    while True:
+        reply = await client.get_shell_msg()
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return reply["content"]
 
 
 def _kill_group(pgid: int | None) -> None:
@@ -310,7 +373,11 @@ class Kernel:
         specs = KernelSpecManager(
             kernel_dirs=[str(self._private_dir / "kernels")], ensure_native_kernel=False
         )
-        km = AsyncKernelManager(kernel_name=SPEC_NAME, kernel_spec_manager=specs)
+        km = AsyncKernelManager(
+            kernel_name=SPEC_NAME,
+            kernel_spec_manager=specs,
+            context=_shared_context(self._max_output_bytes + MESSAGE_SLACK),
+        )
         km.connection_file = str(self._private_dir / "connection.json")
         ipc_base = str(self._private_dir / "zmq")
         if os.name == "posix" and len(ipc_base) < IPC_PATH_LIMIT:
@@ -349,7 +416,7 @@ class Kernel:
         assert self._km is not None
         process = self._process()
         assert process is not None
-        client = self._km.client()
+        client = self._km.client(context=self._km.context)
         # No heartbeat channel: it is a thread per kernel inside the host server, and kernel
         # death is noticed from the process itself (see _wait_for_exit). It also raced the
         # teardown of a kernel that died at start (ZMQError in the heartbeat thread).
@@ -448,18 +515,28 @@ class Kernel:
     async def _read_cell(
         client: AsyncKernelClient, msg_id: str, cell: CellOutputs
     ) -> dict[str, Any]:
-        """Collect IOPub output until ``idle`` for our request, then return the shell reply."""
-        while True:
-            msg = await client.get_iopub_msg()
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                break
-            await cell.handle(msg)
-        while True:
-            reply = await client.get_shell_msg()
-            if reply["parent_header"].get("msg_id") == msg_id:
-                return reply["content"]
+        """Collect IOPub output until ``idle`` for our request, and the shell reply.
+
+        Normally ``idle`` follows the reply within milliseconds. If it does not come
+        (ZeroMQ dropped IOPub under a message over the size limit, and the messages
+        with it), the cell is finished on the reply alone and says output was lost.
+        """
+        outputs = asyncio.ensure_future(_iopub_until_idle(client, msg_id, cell))
+        reply = asyncio.ensure_future(_shell_reply(client, msg_id))
+        try:
+            done, _ = await asyncio.wait({outputs, reply}, return_when=asyncio.FIRST_COMPLETED)
+            if outputs in done:
+                outputs.result()
+                return await reply
+            await asyncio.wait({outputs}, timeout=IDLE_AFTER_REPLY)
+            if outputs.done():
+                outputs.result()
+                return reply.result()
+            cell.mark_lost()
+        finally:
+            await _cancel(outputs, reply)
+        await _reopen_iopub(client)
+        return reply.result()
 
     async def _supervise(
         self,

@@ -16,6 +16,10 @@ same as ``-m ipykernel_launcher`` otherwise) that patch its output stream:
   cell ends the kernel sends one ``hypha_conda_output_dropped`` message with how much,
   so the worker can say so.
 
+An exception's message and traceback are clipped the same way (they go out whole in
+two messages, ``error`` and ``execute_reply``, so a huge one would otherwise meet the
+worker's message size limit and lose the cell's reply).
+
 Nothing is added to the user's namespace, and it survives kernel restarts (same
 command line). It is an optimization, not the protection: user code can undo it, and
 the worker's own cap (``CellOutputs``) does not trust it.
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hypha_conda_plugin.outputs import DROPPED_AT_SOURCE
+from hypha_conda_plugin.outputs import DROPPED_AT_SOURCE, MAX_EVALUE_BYTES, MAX_TRACEBACK_BYTES
 
 #: Largest piece of printed text the kernel sends in one message.
 STREAM_CHUNK = 256 * 1024
@@ -101,11 +105,50 @@ def _hypha_conda_limit_output(max_output, chunk, report_type):
     IPythonKernel.do_execute = reporting_do_execute
 
 
+def _hypha_conda_clip_errors(max_evalue, max_traceback):
+    # An exception can carry any amount of text (a huge repr in its message): it goes
+    # out twice, in IOPub's error and the shell's execute_reply, each a single message
+    # the worker's size limit would drop, taking the cell's reply with it.
+    from jupyter_client.session import Session
+
+    send = Session.send
+
+    def clip(text, limit):
+        text = str(text)
+        if len(text) <= limit:
+            return text
+        return text[:limit] + " ... [" + str(len(text) - limit) + " characters not sent]"
+
+    def clipped(content):
+        if not isinstance(content, dict) or "evalue" not in content:
+            return content
+        content = dict(content)
+        content["evalue"] = clip(content.get("evalue", ""), max_evalue)
+        lines, budget = [], max_traceback
+        for line in content.get("traceback") or []:
+            line = clip(line, max_evalue)
+            if len(line) > budget:
+                lines.append("... [traceback shortened]")
+                break
+            lines.append(line)
+            budget -= len(line)
+        content["traceback"] = lines
+        return content
+
+    def clipped_send(self, stream, msg_or_type, content=None, *args, **kwargs):
+        if msg_or_type in ("error", "execute_reply"):
+            content = clipped(content)
+        return send(self, stream, msg_or_type, content, *args, **kwargs)
+
+    Session.send = clipped_send
+
+
 try:
     _hypha_conda_limit_output(%(max_output)d, %(chunk)d, %(report_type)r)
+    _hypha_conda_clip_errors(%(max_evalue)d, %(max_traceback)d)
 except Exception as error:  # an ipykernel we do not know: run it unpatched
     print("hypha-conda: output limits not installed:", error, file=sys.stderr)
-del _hypha_conda_limit_output
+del _hypha_conda_limit_output, _hypha_conda_clip_errors
 
 from ipykernel import kernelapp
 
@@ -119,6 +162,9 @@ def bootstrap_code(max_output: int, chunk: int = STREAM_CHUNK) -> str:
         "max_output": max_output,
         "chunk": chunk,
         "report_type": DROPPED_AT_SOURCE,
+        # Under the worker's own limits, so the note of what was cut survives them.
+        "max_evalue": MAX_EVALUE_BYTES // 2,
+        "max_traceback": MAX_TRACEBACK_BYTES // 2,
     }
 
 

@@ -273,6 +273,12 @@ class CellOutputs:
         self._drop(size)
         return False
 
+    def mark_lost(self) -> None:
+        """Output was lost on the way (the kernel sent a message over the size limit and
+        ZeroMQ dropped the connection with it): say so, as for output past the cap."""
+        self._cut = True
+        self.dropped_messages += 1
+
     def _drop(self, size: int) -> None:
         self._cut = True
         self.dropped_bytes += size

@@ -265,6 +265,40 @@ async def test_a_kernel_that_bypasses_the_bootstrap_is_still_capped(capped_kerne
     assert f"{dropped / 2**20:.1f} MiB more were dropped" in result["outputs"][-1]["text"]
 
 
+async def test_one_huge_message_is_refused_before_it_reaches_the_server(capped_kernel) -> None:
+    """A single message far past the cap (the bootstrap would have split it; user code
+    went around it) is never received whole: ZeroMQ drops it at the socket (its size
+    limit is the cap plus room for headers), the cell still ends, says output was lost,
+    and the kernel goes on working."""
+    code = (
+        "k = get_ipython().kernel\n"
+        "k.session.send(k.iopub_socket, 'stream', {'name': 'stdout', 'text': 'h' * 50_000_000},"
+        " parent=k.get_parent('shell'), ident=k._topic('stream'))\n"
+    )
+    started = time.perf_counter()
+    result = await capped_kernel.execute(code, timeout=120)
+    assert time.perf_counter() - started < 30
+    assert result["status"] == "ok"
+    assert result["outputs_truncated"] is True
+    assert "h" * 1000 not in _stdout(result)
+    after = await capped_kernel.execute("print('next')")
+    assert _stdout(after) == "next\n"
+
+
+async def test_an_exception_with_a_huge_message_is_reported_clipped(capped_kernel) -> None:
+    """A careless cell: an error whose message is 50 MB (a huge repr). It still comes
+    back at once, as the error it is, clipped; and the kernel goes on."""
+    started = time.perf_counter()
+    result = await capped_kernel.execute("raise ValueError('x' * 50_000_000)", timeout=120)
+    assert time.perf_counter() - started < 10
+    assert result["status"] == "error"
+    assert result["error"]["ename"] == "ValueError"
+    assert "characters not sent" in result["error"]["evalue"]
+    assert len(result["error"]["evalue"]) < 100_000
+    after = await capped_kernel.execute("print('next')")
+    assert _stdout(after) == "next\n"
+
+
 # ----------------------------------------------------- through a real Hypha server
 
 FLOOD = "for i in range(200):\n    print('x' * 10**6)"  # 200 MB in 1 MB lines
