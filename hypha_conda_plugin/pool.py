@@ -153,7 +153,8 @@ class KernelPool:
                 pool.starting -= 1
             if warm is None:
                 return  # a failure: try again at the next start rather than spin
-            if self._closed or self._pools.get(key) is not pool:
+            if self._closed or self._pools.get(key) is not pool or not self.has_room():
+                # Closed, shrunk, or sessions took the room while it started.
                 await self._shutdown(warm)
                 return
             pool.ready.append(warm)

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-REGISTERED = re.compile(r"Worker registered as (\S+);")
+REGISTERED = re.compile(r"registered as (\S+);")
 
 
 @dataclass
