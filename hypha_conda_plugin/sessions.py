@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from hypha_conda_plugin.errors import SessionExistsError, SessionNotFoundError
 
 if TYPE_CHECKING:
-    from hypha_conda_plugin.envs.cache import CachedEnv
+    from hypha_conda_plugin.envs.cache import EnvLease
     from hypha_conda_plugin.kernel import Kernel
 
 LOG_TYPES = ("stdout", "stderr", "info", "error", "progress")
@@ -76,7 +76,7 @@ class Session:
     app_id: str | None = None
     state: SessionState = SessionState.STARTING
     created_at: float = field(default_factory=time.time)
-    env: CachedEnv | None = None
+    env: EnvLease | None = None
     kernel: Kernel | None = None
     error: str | None = None
     executions: int = 0
@@ -97,6 +97,7 @@ class Session:
             "created_at": self.created_at,
             "working_dir": str(self.workdir),
             "environment": str(self.env.prefix) if self.env else None,
+            "environment_key": self.env.key if self.env else None,
             "environment_reused": self.env.reused if self.env else None,
             "executions": self.executions,
             "kernel_pid": self.kernel.pid if self.kernel else None,

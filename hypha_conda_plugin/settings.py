@@ -28,6 +28,24 @@ def _split_list(value: str | None) -> list[str]:
     return [item.strip() for item in (value or "").split(",") if item.strip()]
 
 
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``50G``, ``512M``, ``1.5T``, ``2GiB`` or a plain number (binary units)."""
+    raw = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = raw, ""
+    if raw and raw[-1] in _SIZE_UNITS:
+        number, unit = raw[:-1], raw[-1]
+    try:
+        value = float(number)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise ValueError(f"{text!r} is not a size; write it like 50G, 512M or 1.5T")
+    return int(value * _SIZE_UNITS[unit])
+
+
 def _default_working_dir() -> Path:
     return Path("/tmp") / f"hypha_sessions_{uuid.uuid4().hex[:8]}"
 
@@ -49,6 +67,12 @@ class Settings(BaseModel):
     working_dir: Path = Field(default_factory=_default_working_dir)
     cache_dir: Path = DEFAULT_CACHE_DIR
 
+    # How many environments the cache keeps (see envs/eviction.py).
+    cache_max_envs: int = Field(default=10, ge=1)
+    cache_max_age_days: float = Field(default=30.0, gt=0)
+    cache_max_size: int | None = Field(default=None, gt=0)
+    cache_sweep_interval: float = Field(default=3600.0, gt=0, le=86400 * 7)
+
     # How environments are built.
     channel_alias: str | None = None
     default_channels: tuple[str, ...] = ("conda-forge",)
@@ -68,6 +92,11 @@ class Settings(BaseModel):
         # written into shebangs), and every containment check compares resolved paths.
         return value.expanduser().resolve()
 
+    @field_validator("cache_max_size", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        return parse_size(value) if isinstance(value, str) else value
+
     @field_validator("channel_alias")
     @classmethod
     def _alias_url(cls, value: str | None) -> str | None:
@@ -85,6 +114,17 @@ class Settings(BaseModel):
     @property
     def pkgs_dir(self) -> Path:
         return self.cache_dir / "pkgs"
+
+    @classmethod
+    def for_cache_tool(
+        cls, cache_dir: str | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Settings for ``envs list|prune``: the worker's cache folder, found the way the
+        worker finds it (``--cache-dir``, then ``HYPHA_CACHE_DIR``, then the ``CONDA_*``
+        variables)."""
+        env = os.environ if environ is None else environ
+        chosen = cache_dir or env.get("HYPHA_CACHE_DIR")
+        return cls.from_env(env, **({"cache_dir": chosen} if chosen else {}))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -107,6 +147,10 @@ class Settings(BaseModel):
             "kernel_start_timeout": "CONDA_KERNEL_START_TIMEOUT",
             "default_execute_timeout": "CONDA_EXECUTE_TIMEOUT",
             "max_log_entries": "CONDA_MAX_LOG_ENTRIES",
+            "cache_max_envs": "CONDA_CACHE_MAX_ENVS",
+            "cache_max_age_days": "CONDA_CACHE_MAX_AGE_DAYS",
+            "cache_max_size": "CONDA_CACHE_MAX_SIZE",
+            "cache_sweep_interval": "CONDA_CACHE_SWEEP_INTERVAL",
         }
         for field, variable in optional.items():
             if env.get(variable):

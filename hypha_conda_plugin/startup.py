@@ -26,6 +26,7 @@ async def hypha_startup(server: Any) -> None:
     config = getattr(server, "config", None) or {}
     server_url = config.get("local_base_url") or config.get("public_base_url")
     worker = CondaWorker(settings, server_url=server_url, in_server=True)
+    worker.envs.start_maintenance()  # sweeps what a killed run left, then evicts periodically
     try:
         await server.register_service(worker.service_definition())
     except Exception as error:

@@ -22,6 +22,7 @@ from hypha_conda_plugin.callbacks import notify
 from hypha_conda_plugin.childenv import clean_env
 from hypha_conda_plugin.envs.builders import RattlerBuilder
 from hypha_conda_plugin.envs.cache import EnvCache
+from hypha_conda_plugin.envs.eviction import DAY, CacheLimits
 from hypha_conda_plugin.envs.spec import EnvSpec
 from hypha_conda_plugin.errors import (
     AppFileError,
@@ -47,10 +48,15 @@ class Caller:
 
     workspace: str
     user_id: str | None
+    roles: tuple[str, ...] = ()
 
     @property
     def is_root(self) -> bool:
         return self.user_id == "root"
+
+    @property
+    def is_server_admin(self) -> bool:
+        return self.is_root or "admin" in self.roles
 
     @classmethod
     def from_context(cls, context: Mapping[str, Any] | None) -> Caller:
@@ -58,7 +64,12 @@ class Caller:
             # Only an in-process call without Hypha in between has no context.
             return cls(workspace="local", user_id="root")
         user = context.get("user") or {}
-        return cls(workspace=str(context.get("ws") or ""), user_id=user.get("id"))
+        roles = user.get("roles") or ()
+        return cls(
+            workspace=str(context.get("ws") or ""),
+            user_id=user.get("id"),
+            roles=tuple(str(r) for r in roles) if isinstance(roles, list | tuple) else (),
+        )
 
 
 class CondaWorker:
@@ -84,6 +95,12 @@ class CondaWorker:
             channel_alias=settings.channel_alias,
             platform=_platform(),
             pip_timeout=settings.build_timeout,
+            limits=CacheLimits(
+                max_envs=settings.cache_max_envs,
+                max_age=settings.cache_max_age_days * DAY,
+                max_size=settings.cache_max_size,
+                sweep_interval=settings.cache_sweep_interval,
+            ),
         )
         self.sessions = SessionManager(settings.working_dir, settings.max_log_entries)
 
@@ -111,6 +128,7 @@ class CondaWorker:
             "list_sessions": self.list_sessions,
             "get_session_info": self.get_session_info,
             "compile": self.compile,
+            "list_environments": self.list_environments,
             "shutdown": self.shutdown,
         }
 
@@ -289,6 +307,22 @@ class CondaWorker:
         manifest.setdefault("entry_point", "main.py")
         return manifest, files
 
+    async def list_environments(self, context: dict | None = None) -> list[dict[str, Any]]:
+        """The cached environments (key, redacted spec, size, created, last used, in use).
+
+        For the worker's administrators only, since it shows every tenant's specs: the
+        server's admins (root or the admin role), and for a standalone worker also the
+        users of the workspace it is registered in (they hold its token and run it).
+        """
+        caller = Caller.from_context(context)
+        registered_in = None if self.in_server else self.settings.workspace
+        if not (caller.is_server_admin or (registered_in and caller.workspace == registered_in)):
+            raise WorkspaceNotAuthorizedError(
+                "list_environments is for the worker's administrators: the server's admins, "
+                "or for a standalone worker the workspace it is registered in."
+            )
+        return await self.envs.list_environments()
+
     async def shutdown(self, context: dict | None = None) -> None:
         """Stop every session (worker going away)."""
         if context is not None and not Caller.from_context(context).is_root:
@@ -296,6 +330,7 @@ class CondaWorker:
         await asyncio.gather(
             *(self._stop_session(s) for s in self.sessions.list()), return_exceptions=True
         )
+        await self.envs.close()
 
     # ----------------------------------------------------------------- helpers
     def _authorize(self, context: Mapping[str, Any] | None) -> Caller:
@@ -422,6 +457,8 @@ class CondaWorker:
                 await kernel.shutdown()
         for folder in (session.workdir, session.runtime_dir):
             await asyncio.to_thread(shutil.rmtree, folder, True)
+        if session.env is not None:
+            await session.env.release()  # the environment may be evicted from now on
         if keep_record:
             return
         session.state = SessionState.STOPPED
