@@ -56,3 +56,20 @@ async def test_a_user_cannot_claim_another_workspace_in_the_config(tmp_path):
     server = Caller.from_context(context("public", user="root"))
     assert owner(mallory, {"workspace": "victim-ws"}) == "mallory-ws"
     assert owner(server, {"workspace": "victim-ws"}) == "victim-ws"
+
+
+async def test_list_environments_is_for_the_worker_s_administrators(tmp_path):
+    """In-server: Hypha's admins (root, the admin role). Standalone: also the users of the
+    workspace the worker is registered in (they hold its token)."""
+    dirs = {"cache_dir": tmp_path / "c", "working_dir": tmp_path / "w"}
+    in_server = CondaWorker(Settings(**dirs), in_server=True)
+    standalone = CondaWorker(Settings(workspace="lab-a", **dirs))
+    admin = {"ws": "ws-x", "user": {"id": "u1", "roles": ["admin"]}}
+    for worker in (in_server, standalone):
+        assert await worker.list_environments(context=context("public", user="root")) == []
+        assert await worker.list_environments(context=admin) == []
+        with pytest.raises(WorkspaceNotAuthorizedError, match="administrators"):
+            await worker.list_environments(context=context("lab-b"))
+    assert await standalone.list_environments(context=context("lab-a")) == []
+    with pytest.raises(WorkspaceNotAuthorizedError, match="administrators"):
+        await in_server.list_environments(context=context("lab-a"))

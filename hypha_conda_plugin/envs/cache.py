@@ -228,7 +228,11 @@ class EnvCache:
         if marker_signature(prefix) is None:
             return None, None, None  # not built (or half-built): no lease file needed
         writable = self._is_writable()
-        lock = LockFile.try_lock(self.layout.lease_path(key), SHARED, create=writable)
+        try:
+            lock = LockFile.try_lock(self.layout.lease_path(key), SHARED, create=writable)
+        except FileNotFoundError:  # someone deleted .meta: the slow path prepares again
+            self._writable = None
+            return None, None, None
         if lock is None:
             return None, None, None  # being removed or rebuilt right now
         try:
@@ -261,7 +265,8 @@ class EnvCache:
         self, spec: EnvSpec, key: str, touch: bool, progress: Progress, problem: str | None
     ) -> EnvLease:
         """Under the key's in-process lock: wait for the build lock, look again, build."""
-        if not await asyncio.to_thread(self._is_writable):
+        self._writable = await asyncio.to_thread(self.layout.prepare)
+        if not self._writable:
             lease, again = await self._try_reuse(key, touch)
             if lease is not None:
                 return lease
