@@ -1,6 +1,6 @@
 """Credentials out of anything the worker writes down.
 
-Channel URLs and pip requirements may carry secrets: conda's token form
+Channel URLs and pip requirements may carry secrets in their URLs: conda's token form
 ``https://conda.anaconda.org/t/<token>/channel``, ``user:password@`` (or a bare token as
 the user) in any URL, and tokens in query strings (``?token=...``, signed URLs). They are
 needed to reach the channel, so the builder gets them as given; but cache markers, cache
@@ -13,24 +13,30 @@ import re
 
 REDACTED = "***"
 
-# conda's token form: /t/<token>/ right after the host.
-_CONDA_TOKEN = re.compile(r"(?<=/t/)[^/\s?#]+(?=/|$|\s)")
+# A URL, as it appears in specs, messages and JSON (stops at whitespace and quotes).
+_URL = re.compile(r"(?i)\b[a-z][a-z0-9+.\-]*://[^\s\"'<>]+")
+# conda's token form: /t/<token>/ (only ever looked for inside a URL).
+_CONDA_TOKEN = re.compile(r"(?<=/t/)[^/?#]+(?=/|$)")
 # Userinfo of a URL: scheme://[user[:password]]@host
-_USERINFO = re.compile(r"(?<=://)[^/@\s]+(?=@)")
+_USERINFO = re.compile(r"(?<=://)[^/@?#]+(?=@)")
 # Query parameters whose value is a secret.
 _QUERY_SECRET = re.compile(
     r"(?i)(?<=[?&])((?:access_?)?token|auth|api_?key|key|password|passwd|secret|"
-    r"sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token)=[^&#\s]*"
+    r"sig|signature|x-amz-signature|x-amz-credential|x-amz-security-token)=[^&#]*"
 )
 
 
 def redact(text: str) -> str:
-    """``text`` with every credential found in it replaced by ``***``."""
-    if "://" not in text and "/t/" not in text and "=" not in text:
+    """``text`` with every credential in a URL in it replaced by ``***``."""
+    if "://" not in text:
         return text  # the common case (plain package specs) costs nothing
-    text = _CONDA_TOKEN.sub(REDACTED, text)
-    text = _USERINFO.sub(REDACTED, text)
-    return _QUERY_SECRET.sub(lambda m: m.group(0).split("=", 1)[0] + "=" + REDACTED, text)
+    return _URL.sub(lambda m: _redact_url(m.group(0)), text)
+
+
+def _redact_url(url: str) -> str:
+    url = _CONDA_TOKEN.sub(REDACTED, url)
+    url = _USERINFO.sub(REDACTED, url)
+    return _QUERY_SECRET.sub(lambda m: m.group(0).split("=", 1)[0] + "=" + REDACTED, url)
 
 
 def has_secret(text: str) -> bool:

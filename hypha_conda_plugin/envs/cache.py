@@ -69,6 +69,8 @@ REBUILD_WAIT = 10.0
 PYTHON_CHECK_TIMEOUT = 60.0
 #: Bound of the per-process memos (parsed markers, python checks).
 MEMO_LIMIT = 512
+#: Tries (5 ms apart) for a shared lease while someone holds it exclusively for a moment.
+LEASE_RETRIES = 10
 
 
 @dataclass(eq=False)
@@ -204,62 +206,79 @@ class EnvCache:
 
     async def _try_reuse(self, key: str, touch: bool) -> tuple[EnvLease | None, str | None]:
         """The lease on a whole, ready environment, or why not (``None``: not built)."""
-        lock, problem, check_python = await off_loop(
+        lock, problem, signature = await off_loop(
             self._reuse_sync, key, touch, abandon=lambda r: r[0] and r[0].release()
         )
         if lock is None:
             return None, problem
-        if check_python is not None:
-            try:
-                started = await self._python_starts(self.layout.prefix(key))
-            except BaseException:
-                lock.release()
-                raise
-            if not started:
-                lock.release()
-                return None, "its python does not start"
-            self._remember(self._python_ok, key, check_python)
+        try:
+            problem = await self._python_problem(key, signature)
+        except BaseException:
+            lock.release()
+            raise
+        if problem:
+            lock.release()
+            return None, problem
         return self._lease(key, lock, reused=True, touch=touch), None
 
     def _reuse_sync(
         self, key: str, touch: bool
     ) -> tuple[LockFile | None, str | None, tuple[int, int, int] | None]:
-        prefix = self.layout.prefix(key)
-        if marker_signature(prefix) is None:
+        if marker_signature(self.layout.prefix(key)) is None:
             return None, None, None  # not built (or half-built): no lease file needed
         writable = self._is_writable()
+        path = self.layout.lease_path(key)
         try:
-            lock = LockFile.try_lock(self.layout.lease_path(key), SHARED, create=writable)
+            for _ in range(LEASE_RETRIES):
+                lock = LockFile.try_lock(path, SHARED, create=writable)
+                if lock is not None:
+                    break
+                time.sleep(0.005)  # a deletion's rename or an "in use?" probe: moments
+            else:
+                return None, None, None  # being removed or rebuilt: the slow path waits
         except FileNotFoundError:  # someone deleted .meta: the slow path prepares again
             self._writable = None
             return None, None, None
-        if lock is None:
-            return None, None, None  # being removed or rebuilt right now
         try:
-            signature = marker_signature(prefix)  # again, now that nobody can remove it
-            if signature is None:
-                lock.release()
-                return None, None, None
-            problem = check(prefix, self._marker(key, prefix, signature))
-            if problem:
-                self._python_ok.pop(key, None)
+            signature, problem = self._inspect(key)  # now that nobody can remove it
+            if signature is None or problem:
                 lock.release()
                 return None, problem, None
             if touch and writable:
                 lock.touch()
-            needs_python = None if self._python_ok.get(key) == signature else signature
-            return lock, None, needs_python
+            return lock, None, signature
         except BaseException:
             lock.release()
             raise
 
+    def _inspect(self, key: str) -> tuple[tuple[int, int, int] | None, str | None]:
+        """The marker signature of ``key`` (``None``: not built) and what is wrong with it."""
+        prefix = self.layout.prefix(key)
+        signature = marker_signature(prefix)
+        if signature is None:
+            return None, None
+        problem = check(prefix, self._marker(key, prefix, signature))
+        if problem:
+            self._python_ok.pop(key, None)
+        return signature, problem
+
     def _marker(self, key: str, prefix: Path, signature: tuple[int, int, int]) -> dict[str, Any]:
+        """The parsed marker, read again only when the file changed (a rebuild)."""
         cached = self._markers.get(key)
         if cached and cached[0] == signature:
             return cached[1]
         marker = read_marker(prefix) or {}
         self._remember(self._markers, key, (signature, marker))
         return marker
+
+    async def _python_problem(self, key: str, signature: tuple[int, int, int] | None) -> str | None:
+        """Whether the python of this build of ``key`` starts, checked once per process."""
+        if signature is None or self._python_ok.get(key) == signature:
+            return None
+        if not await self._python_starts(self.layout.prefix(key)):
+            return "its python does not start"
+        self._remember(self._python_ok, key, signature)
+        return None
 
     async def _acquire_locked(
         self, spec: EnvSpec, key: str, touch: bool, progress: Progress, problem: str | None
@@ -306,6 +325,13 @@ class EnvCache:
             problem = again or problem
             exclusive = await self._exclusive_lease(key, problem)
             try:
+                # Nobody else can use or change it now: look once more, so a whole
+                # environment is never rebuilt because a look above was unlucky.
+                signature, problem = await asyncio.to_thread(self._inspect, key)
+                problem = problem or await self._python_problem(key, signature)
+                if signature is not None and not problem:
+                    await asyncio.to_thread(_share, exclusive, touch)
+                    return self._lease(key, exclusive, reused=True, touch=touch)
                 seconds = await self._build(spec, key, progress, problem)
                 await asyncio.to_thread(_share, exclusive, touch)
             except BaseException:
@@ -474,8 +500,13 @@ class EnvCache:
                     self.envs_dir,
                 )
                 return
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.limits.sweep_interval)
+            # Not asyncio.wait_for: on Python < 3.12 it can swallow the cancellation that
+            # close() sends when the event is set at the same moment, and never return.
+            waiter = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=self.limits.sweep_interval)
+            finally:
+                waiter.cancel()
             self._wake.clear()
 
     async def sweep_now(self) -> SweepReport:

@@ -8,6 +8,9 @@ spread over its file list, with their sizes. Reuse then checks, with ``stat`` ca
 * every package the marker lists still has its ``conda-meta`` record;
 * every fingerprinted file still exists with its recorded size.
 
+Credentials the builder wrote into ``conda-meta`` (channel URLs with tokens) are
+redacted there before the fingerprint is taken.
+
 Deleting a package's folder, or most of its files, removes fingerprinted files, so the
 next start notices and rebuilds. A single damaged file outside the sample is not seen:
 that is the price of a check that costs well under a millisecond per package (measured
@@ -24,6 +27,8 @@ import stat
 import time
 from pathlib import Path
 from typing import Any
+
+from hypha_conda_plugin.redact import redact
 
 MARKER = "conda-meta/hypha-conda-plugin-ready.json"
 MARKER_FORMAT = 2
@@ -115,7 +120,8 @@ def _conda_fingerprint(prefix: Path) -> dict[str, list[list]]:
         if record.name == Path(MARKER).name:
             continue
         try:
-            files = json.loads(record.read_bytes()).get("files") or []
+            text = _scrubbed(record)
+            files = json.loads(text).get("files") or []
         except (OSError, ValueError):
             continue
         sample = _sample(prefix, [f for f in files if isinstance(f, str)])
@@ -123,6 +129,19 @@ def _conda_fingerprint(prefix: Path) -> dict[str, list[list]]:
             sample += _sample(prefix, _interpreter(prefix))
         result[record.stem] = sample
     return result
+
+
+def _scrubbed(record: Path) -> str:
+    """A conda-meta record's text, rewritten without credentials if it had any: the
+    builder records each package's channel URL there, token included, and user code in
+    the environment can read it."""
+    text = record.read_text()
+    clean = redact(text)
+    if clean != text:
+        tmp = record.with_name(record.name + ".tmp")
+        tmp.write_text(clean)
+        os.replace(tmp, record)
+    return clean
 
 
 def _pip_fingerprint(prefix: Path) -> dict[str, list[list]]:
