@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tables import print_table  # noqa: E402
 
 from hypha_conda_plugin.channel import build_channel  # noqa: E402
-from hypha_conda_plugin.envs.integrity import check, read_marker  # noqa: E402
+from hypha_conda_plugin.envs.integrity import check, read_marker, write_marker  # noqa: E402
 from hypha_conda_plugin.envs.spec import EnvSpec, resolve_channel  # noqa: E402
 from hypha_conda_plugin.settings import Settings  # noqa: E402
 from hypha_conda_plugin.worker import CondaWorker  # noqa: E402
@@ -100,7 +100,9 @@ def raw_install(root: Path, alias: str, pkgs: Path) -> float:
 
 async def build_rows(alias: str, runs: int) -> tuple[list, list]:
     cold, raw_cold, warm, raw_warm = [], [], [], []
-    for _ in range(runs):
+    keep = Path(tempfile.mkdtemp())
+    root_env = keep / "env"
+    for run in range(runs):
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             raw_cold.append(await asyncio.to_thread(raw_install, root, alias, root / "raw-pkgs"))
@@ -118,17 +120,40 @@ async def build_rows(alias: str, runs: int) -> tuple[list, list]:
             warm.append(time.perf_counter() - started)
             await lease.release()
             await cache.close()
+            if run == 0:  # an environment to time the fingerprint on, after the runs
+                shutil.copytree(lease.prefix, root_env, symlinks=True)
     med = statistics.median
+    child = med([await asyncio.to_thread(child_start) for _ in range(runs)])
+    marker = med([await asyncio.to_thread(fingerprint, root_env) for _ in range(runs)])
+    shutil.rmtree(keep, ignore_errors=True)
+    parts = [
+        ("  of which: build child start (python + import rattler)", child, None),
+        ("  of which: ready marker with fingerprint", marker, None),
+    ]
     return (
         [
             ("raw py-rattler solve + install (baseline)", med(raw_cold), 1.0),
             ("EnvCache.acquire, new environment", med(cold), med(cold) / med(raw_cold)),
+            *parts,
         ],
         [
             ("raw py-rattler solve + install (baseline)", med(raw_warm), 1.0),
             ("EnvCache.acquire, new environment", med(warm), med(warm) / med(raw_warm)),
+            *parts,
         ],
     )
+
+
+def child_start() -> float:
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import rattler"], check=True)
+    return time.perf_counter() - started
+
+
+def fingerprint(prefix: Path) -> float:
+    started = time.perf_counter()
+    write_marker(prefix, prefix.name, BUILD.describe(), "bench")
+    return time.perf_counter() - started
 
 
 async def hit_rows(alias: str, runs: int, hits: int) -> tuple[list, int]:

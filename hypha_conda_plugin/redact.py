@@ -13,8 +13,10 @@ import re
 
 REDACTED = "***"
 
-# A URL, as it appears in specs, messages and JSON (stops at whitespace and quotes).
-_URL = re.compile(r"(?i)\b[a-z][a-z0-9+.\-]*://[^\s\"'<>]+")
+# The part of a URL after its scheme, as it appears in specs, messages and JSON (up to
+# whitespace or a quote). Anchored on the literal "://" so long texts (conda-meta
+# records of several MB) are scanned in linear time.
+_URL = re.compile(r"://[^\s\"'<>]+")
 # conda's token form: /t/<token>/ (only ever looked for inside a URL).
 _CONDA_TOKEN = re.compile(r"(?<=/t/)[^/?#]+(?=/|$)")
 # Userinfo of a URL: scheme://[user[:password]]@host

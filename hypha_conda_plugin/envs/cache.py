@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -124,6 +125,15 @@ def _share(lock: LockFile, touch: bool) -> None:
         time.sleep(0.005)
     if touch:
         lock.touch()
+
+
+def _forget_lock_files(prefix: Path, lease: LockFile, build: LockFile) -> None:
+    """After a failed build nothing is left to lock: leave no lock files either. Both are
+    held exclusively, so deleting them is safe (see envs/locks.py). Three system calls,
+    done in place because this runs while a cancellation unwinds."""
+    if not os.path.lexists(prefix):
+        lease.unlink()
+        build.unlink()
 
 
 def _let_go(lock: LockFile, touch: bool) -> None:
@@ -335,6 +345,7 @@ class EnvCache:
                 seconds = await self._build(spec, key, progress, problem)
                 await asyncio.to_thread(_share, exclusive, touch)
             except BaseException:
+                _forget_lock_files(self.layout.prefix(key), exclusive, build)
                 exclusive.release()
                 raise
         finally:
