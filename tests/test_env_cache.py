@@ -176,7 +176,8 @@ class StandaloneWorker:
 
     async def __aexit__(self, *exc: object) -> None:
         if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
+            # The whole group: a wrapper (bwrap) does not pass signals on to the worker.
+            os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(self.process.wait(), 60)
             except asyncio.TimeoutError:
