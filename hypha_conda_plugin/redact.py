@@ -14,9 +14,8 @@ import re
 REDACTED = "***"
 
 # The part of a URL after its scheme, as it appears in specs, messages and JSON (up to
-# whitespace or a quote). Anchored on the literal "://" so long texts (conda-meta
-# records of several MB) are scanned in linear time.
-_URL = re.compile(r"://[^\s\"'<>]+")
+# whitespace or a quote).
+_URL = re.compile(r"://[^\s\"'<>]*")
 # conda's token form: /t/<token>/ (only ever looked for inside a URL).
 _CONDA_TOKEN = re.compile(r"(?<=/t/)[^/?#]+(?=/|$)")
 # Userinfo of a URL: scheme://[user[:password]]@host
@@ -30,9 +29,19 @@ _QUERY_SECRET = re.compile(
 
 def redact(text: str) -> str:
     """``text`` with every credential in a URL in it replaced by ``***``."""
-    if "://" not in text:
+    position = text.find("://")
+    if position < 0:
         return text  # the common case (plain package specs) costs nothing
-    return _URL.sub(lambda m: _redact_url(m.group(0)), text)
+    parts: list[str] = []
+    done = 0
+    while position >= 0:  # str.find runs at memory speed; the regex only at each URL
+        match = _URL.match(text, position)
+        parts.append(text[done:position])
+        parts.append(_redact_url(match.group(0)))
+        done = match.end()
+        position = text.find("://", done)
+    parts.append(text[done:])
+    return "".join(parts)
 
 
 def _redact_url(url: str) -> str:

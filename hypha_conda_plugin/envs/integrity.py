@@ -120,15 +120,29 @@ def _conda_fingerprint(prefix: Path) -> dict[str, list[list]]:
         if record.name == Path(MARKER).name:
             continue
         try:
-            text = _scrubbed(record)
-            files = json.loads(text).get("files") or []
+            files = _files_of(_scrubbed(record))
         except (OSError, ValueError):
             continue
-        sample = _sample(prefix, [f for f in files if isinstance(f, str)])
+        sample = _sample(prefix, files)
         if record.stem.startswith("python-"):
             sample += _sample(prefix, _interpreter(prefix))
         result[record.stem] = sample
     return result
+
+
+def _files_of(record: str) -> list[str]:
+    """The ``files`` list of a conda-meta record. Records run to megabytes (their
+    ``paths_data`` repeats every path with hashes), so only the list is decoded when it
+    can be found as a top-level key; otherwise the whole record is."""
+    start = record.find('"files":')
+    if start > 0:
+        with contextlib.suppress(ValueError):
+            bracket = record.index("[", start)
+            files, _ = json.JSONDecoder().raw_decode(record, bracket)
+            if isinstance(files, list):
+                return [f for f in files if isinstance(f, str)]
+    files = json.loads(record).get("files") or []
+    return [f for f in files if isinstance(f, str)]
 
 
 def _scrubbed(record: Path) -> str:
