@@ -3,6 +3,7 @@
 python -m hypha_conda_plugin --server-url URL --workspace WS --token T
 python -m hypha_conda_plugin serve [--port 9527]
 python -m hypha_conda_plugin channel build OUT [REQUIREMENT ...]
+python -m hypha_conda_plugin envs list|prune [--cache-dir DIR] ...
 """
 
 from __future__ import annotations
@@ -98,6 +99,29 @@ def _channel_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _envs_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hypha_conda_plugin envs",
+        description="Inspect or prune the environment cache. Safe while workers run on it: "
+        "an environment that anything uses (in any process) is never removed.",
+    )
+    sub = parser.add_subparsers(dest="action", required=True)
+    cache_help = "cache folder (default: HYPHA_CACHE_DIR, CONDA_CACHE_DIR, ~/.hypha_conda_cache)"
+    listing = sub.add_parser("list", help="key, spec, size, age, last use, in use")
+    listing.add_argument("--cache-dir", help=cache_help)
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    prune = sub.add_parser("prune", help="remove environments nothing uses")
+    prune.add_argument("--cache-dir", help=cache_help)
+    which = prune.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every environment not in use")
+    which.add_argument(
+        "--older-than", type=float, metavar="DAYS", help="environments built before that"
+    )
+    which.add_argument("keys", nargs="*", default=[], metavar="KEY", help="keys (or prefixes)")
+    prune.add_argument("--dry-run", action="store_true", help="only say what would go")
+    return parser
+
+
 def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -109,10 +133,16 @@ def _configure_logging(verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    command = args[0] if args and args[0] in ("serve", "channel", "worker") else "worker"
+    commands = ("serve", "channel", "envs", "worker")
+    command = args[0] if args and args[0] in commands else "worker"
     if args and args[0] == command:
         args = args[1:]
-    handlers = {"worker": _run_worker, "serve": _run_serve, "channel": _run_channel}
+    handlers = {
+        "worker": _run_worker,
+        "serve": _run_serve,
+        "channel": _run_channel,
+        "envs": _run_envs,
+    }
     sys.exit(handlers[command](args))
 
 
@@ -219,3 +249,31 @@ def _run_channel(argv: list[str]) -> int:
     print(f"Channel ready at {result.root} ({len(result.packages)} packages).")
     print(f"Use it with:\n  export CONDA_CHANNEL_ALIAS={result.alias_url}")
     return 0
+
+
+def _run_envs(argv: list[str]) -> int:
+    parser = _envs_parser()
+    options = parser.parse_args(argv)
+    from hypha_conda_plugin.envs import tool
+    from hypha_conda_plugin.envs.store import CacheLayout
+
+    try:
+        settings = Settings.for_cache_tool(options.cache_dir)
+    except SettingsError as error:
+        parser.error(str(error))
+    layout = CacheLayout(settings.envs_dir)
+    if options.action == "list":
+        print(tool.list_text(layout, as_json=options.json))
+        return 0
+    if options.older_than is not None and not options.older_than >= 0:
+        parser.error("--older-than needs a number of days, 0 or more")
+    lines, code = tool.prune(
+        layout,
+        everything=options.all,
+        older_than_days=options.older_than,
+        keys=options.keys,
+        dry_run=options.dry_run,
+    )
+    for line in lines:
+        print(line, file=sys.stderr if line.startswith("error:") else sys.stdout)
+    return code

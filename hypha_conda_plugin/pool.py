@@ -185,6 +185,13 @@ class KernelPool:
                     self._discard(warm)
                 logger.info("Warm kernels of environment %s stopped: idle", key)
 
+    async def reclaim(self, key: str) -> None:
+        """The cache must remove or rebuild environment ``key``: let its kernels go, and
+        with them their leases (they are started again at the next session's start)."""
+        pool = self._pools.pop(key, None)
+        if pool is not None:
+            await asyncio.gather(*(self._shutdown(w) for w in pool.ready), return_exceptions=True)
+
     def evict_one(self) -> bool:
         """Shut down one warm kernel (least recently used environment) to make room."""
         candidates = [(p.last_used, key) for key, p in self._pools.items() if p.ready]

@@ -172,6 +172,13 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "limits, and how many warm kernels wait per environment.",
         {"token": TOKEN},
     ),
+    "list_environments": _function(
+        "list_environments",
+        "The worker's cached conda environments: key, packages and channels (credentials "
+        "redacted), size, when built and last used, whether in use. For the worker's "
+        "administrators only.",
+        {"token": TOKEN},
+    ),
     "get_load": _function(
         "get_load",
         "How busy this worker is, as one number (lower is less busy): 1 per live session, "

@@ -21,7 +21,7 @@ from hypha_conda_plugin.errors import SessionExistsError, SessionNotFoundError
 from hypha_conda_plugin.outputs import clip_text, text_size
 
 if TYPE_CHECKING:
-    from hypha_conda_plugin.envs.cache import CachedEnv
+    from hypha_conda_plugin.envs.cache import EnvLease
     from hypha_conda_plugin.instances import Instance
     from hypha_conda_plugin.kernel import Kernel
 
@@ -98,7 +98,7 @@ class Session:
     isolation: str | None = None
     state: SessionState = SessionState.STARTING
     created_at: float = field(default_factory=time.time)
-    env: CachedEnv | None = None
+    env: EnvLease | None = None
     kernel: Kernel | None = None
     error: str | None = None
     executions: int = 0
@@ -167,6 +167,7 @@ class Session:
             "working_dir": str(self.workdir) if self.workdir else None,
             "isolation": self.isolation,
             "environment": str(self.env.prefix) if self.env else None,
+            "environment_key": self.env.key if self.env else None,
             "environment_reused": self.env.reused if self.env else None,
             "executions": self.executions,
             "kernel_pid": self.kernel.pid if self.kernel else None,

@@ -80,6 +80,12 @@ class Settings(BaseModel):
     working_dir: Path = Field(default_factory=_default_working_dir)
     cache_dir: Path = DEFAULT_CACHE_DIR
 
+    # How many environments the cache keeps (see envs/eviction.py).
+    cache_max_envs: int = Field(default=10, ge=1)
+    cache_max_age_days: float = Field(default=30.0, gt=0)
+    cache_max_size: int | None = Field(default=None, gt=0)
+    cache_sweep_interval: float = Field(default=3600.0, gt=0, le=86400 * 7)
+
     # How environments are built.
     channel_alias: str | None = None
     default_channels: tuple[str, ...] = ("conda-forge",)
@@ -125,7 +131,7 @@ class Settings(BaseModel):
             return None
         return None if value == 0 else value
 
-    @field_validator("session_memory_limit", mode="before")
+    @field_validator("session_memory_limit", "cache_max_size", mode="before")
     @classmethod
     def _size(cls, value: object) -> int | None:
         return parse_size(value)
@@ -159,6 +165,17 @@ class Settings(BaseModel):
     @property
     def pkgs_dir(self) -> Path:
         return self.cache_dir / "pkgs"
+
+    @classmethod
+    def for_cache_tool(
+        cls, cache_dir: str | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Settings for ``envs list|prune``: the worker's cache folder, found the way the
+        worker finds it (``--cache-dir``, then ``HYPHA_CACHE_DIR``, then the ``CONDA_*``
+        variables)."""
+        env = os.environ if environ is None else environ
+        chosen = cache_dir or env.get("HYPHA_CACHE_DIR")
+        return cls.from_env(env, **({"cache_dir": chosen} if chosen else {}))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -195,6 +212,10 @@ class Settings(BaseModel):
             "tool_search_path": "PATH",
             "conda_exe": "CONDA_EXE",
             "mamba_exe": "MAMBA_EXE",
+            "cache_max_envs": "CONDA_CACHE_MAX_ENVS",
+            "cache_max_age_days": "CONDA_CACHE_MAX_AGE_DAYS",
+            "cache_max_size": "CONDA_CACHE_MAX_SIZE",
+            "cache_sweep_interval": "CONDA_CACHE_SWEEP_INTERVAL",
         }
         for field, variable in optional.items():
             if env.get(variable):

@@ -22,6 +22,7 @@ from hypha_conda_plugin.app_version import choose_version
 from hypha_conda_plugin.callbacks import DRAIN_TIMEOUT, Progress
 from hypha_conda_plugin.envs.bytecode import compile_remaining, seal
 from hypha_conda_plugin.envs.cache import EnvCache
+from hypha_conda_plugin.envs.eviction import DAY, CacheLimits
 from hypha_conda_plugin.envs.selection import make_builder
 from hypha_conda_plugin.envs.spec import EnvSpec
 from hypha_conda_plugin.errors import (
@@ -58,6 +59,7 @@ class Caller:
     workspace: str
     user_id: str | None
     is_anonymous: bool = False
+    roles: tuple[str, ...] = ()
 
     @property
     def is_root(self) -> bool:
@@ -74,6 +76,10 @@ class Caller:
         ``shared_identity`` before a call gets here."""
         return self.is_root and self.workspace == "public"
 
+    @property
+    def is_server_admin(self) -> bool:
+        return self.is_root or "admin" in self.roles
+
     @classmethod
     def from_context(cls, context: Mapping[str, Any] | None) -> Caller:
         if not context or not context.get("ws"):
@@ -85,10 +91,12 @@ class Caller:
                 "serves calls through Hypha only."
             )
         user = context.get("user") or {}
+        roles = user.get("roles") or ()
         return cls(
             workspace=str(context["ws"]),
             user_id=user.get("id"),
             is_anonymous=bool(user.get("is_anonymous")),
+            roles=tuple(str(r) for r in roles) if isinstance(roles, list | tuple) else (),
         )
 
 
@@ -110,6 +118,12 @@ class CondaWorker:
             platform=_platform(),
             pip_timeout=settings.build_timeout,
             finish=self._finish_environment,
+            limits=CacheLimits(
+                max_envs=settings.cache_max_envs,
+                max_age=settings.cache_max_age_days * DAY,
+                max_size=settings.cache_max_size,
+                sweep_interval=settings.cache_sweep_interval,
+            ),
         )
         self._background: set[asyncio.Task[Any]] = set()
         self.sessions = SessionManager(settings.max_log_entries, settings.max_log_bytes)
@@ -167,7 +181,10 @@ class CondaWorker:
                 self.sessions.count() + self.pool.warm_count < self.settings.max_sessions
             ),
         )
+        # The cache asks the pool to let go of an environment it must remove or rebuild.
+        self.envs.on_reclaim = self.pool.reclaim
         self.sandbox = sandbox
+        self.envs.start_maintenance()  # sweeps what a killed run left, then periodically
         self._spawn(self._housekeeping())
 
     async def _finish_environment(self, prefix: Path, progress: Progress) -> None:
@@ -224,6 +241,7 @@ class CondaWorker:
             "get_session_info": self.get_session_info,
             "get_status": self.get_status,
             "compile": self.compile,
+            "list_environments": self.list_environments,
             "shutdown": self.shutdown,
             "get_load": self.get_load,
         }
@@ -344,7 +362,8 @@ class CondaWorker:
         assert self.pool is not None
 
         async def lease() -> Any:
-            return await self.envs.acquire(request.spec, _quiet)
+            # Not a use: warm kernels must not keep an environment first in LRU order.
+            return await self.envs.acquire(request.spec, _quiet, touch=False)
 
         self.pool.want(self.envs.key_for(request.spec), lease)
 
@@ -552,6 +571,22 @@ class CondaWorker:
         self._authorize(context)
         return worker_load(self.sessions.list())
 
+    async def list_environments(self, context: dict | None = None) -> list[dict[str, Any]]:
+        """The cached environments (key, redacted spec, size, created, last used, in use).
+
+        For the worker's administrators only, since it shows every tenant's specs: the
+        server's admins (root or the admin role), and for a standalone worker also the
+        users of the workspace it is registered in (they hold its token and run it).
+        """
+        caller = Caller.from_context(context)
+        registered_in = None if self.in_server else self.settings.workspace
+        if not (caller.is_server_admin or (registered_in and caller.workspace == registered_in)):
+            raise WorkspaceNotAuthorizedError(
+                "list_environments is for the worker's administrators: the server's admins, "
+                "or for a standalone worker the workspace it is registered in."
+            )
+        return await self.envs.list_environments()
+
     async def shutdown(self, context: dict | None = None) -> None:
         """Stop every session (the server's own call when it goes away)."""
         if not Caller.from_context(context).is_root:
@@ -571,6 +606,7 @@ class CondaWorker:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._prepared is not None and self._prepared.done():
             await self.root.close()
+        await self.envs.close()
 
     # ----------------------------------------------------------------- helpers
     def _authorize(self, context: Mapping[str, Any] | None) -> Caller:

@@ -57,9 +57,12 @@ async def kernel_python(offline_channel: ChannelBuildResult, session_tmp: Path) 
 
 
 def env_folders(worker_dirs: dict[str, Path]) -> set[str]:
-    """Names of the environment folders in the worker's cache (none before the first)."""
+    """Names of the environment folders in the worker's cache (none before the first);
+    the cache's own dot-folders (lock files, trash) are not environments."""
     envs = worker_dirs["cache"] / "envs"
-    return {p.name for p in envs.iterdir() if p.is_dir()} if envs.exists() else set()
+    if not envs.exists():
+        return set()
+    return {p.name for p in envs.iterdir() if p.is_dir() and not p.name.startswith(".")}
 
 
 @pytest.fixture(scope="session")

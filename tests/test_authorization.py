@@ -191,3 +191,20 @@ async def test_the_in_server_worker_registers_and_enforces_its_list(session_tmp,
                         await worker.list_sessions()
             finally:
                 await api.disconnect()
+
+
+async def test_list_environments_is_for_the_worker_s_administrators(tmp_path):
+    """In-server: Hypha's admins (root, the admin role). Standalone: also the users of the
+    workspace the worker is registered in (they hold its token)."""
+    dirs = {"cache_dir": tmp_path / "c", "working_dir": tmp_path / "w"}
+    in_server = CondaWorker(Settings(**dirs), in_server=True)
+    standalone = CondaWorker(Settings(workspace="lab-a", **dirs))
+    admin = {"ws": "ws-x", "user": {"id": "u1", "roles": ["admin"]}}
+    for worker in (in_server, standalone):
+        assert await worker.list_environments(context=context("public", user="root")) == []
+        assert await worker.list_environments(context=admin) == []
+        with pytest.raises(WorkspaceNotAuthorizedError, match="administrators"):
+            await worker.list_environments(context=context("lab-b"))
+    assert await standalone.list_environments(context=context("lab-a")) == []
+    with pytest.raises(WorkspaceNotAuthorizedError, match="administrators"):
+        await in_server.list_environments(context=context("lab-a"))

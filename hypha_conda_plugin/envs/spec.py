@@ -13,12 +13,15 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from hypha_conda_plugin.envs.normalize import normalize_conda_spec, normalize_pip_requirement
 from hypha_conda_plugin.errors import ManifestError
+from hypha_conda_plugin.redact import has_secret, redact
 
 # pip: a session's own `%pip install` (into its private user site) must work.
 KERNEL_PACKAGES = ("ipykernel", "pip")
 APP_PACKAGES = ("hypha-rpc",)
-KEY_VERSION = 1
+#: 2: specs normalized (envs/normalize.py), credentials out of the hashed text.
+KEY_VERSION = 2
 
 
 def _clean_item(value: object, where: str) -> str:
@@ -129,20 +132,36 @@ class EnvSpec:
         return tuple(dict.fromkeys(channels))
 
     def cache_key(self, *, channel_alias: str | None, platform: str) -> str:
-        """A stable key: same packages and same channel locations give the same key.
+        """A stable key: one key per meaning, never a credential in what is hashed.
 
-        Package lists are order-independent; channel order is kept because it decides
-        which channel wins when several have a package.
+        Package specs are normalized (``numpy >=1.0`` is ``numpy>=1.0``), de-duplicated
+        and sorted; channel order is kept because it decides which channel wins when
+        several have a package. Channels are hashed as the locations they resolve to,
+        with credentials redacted, so rotating a mirror's password in
+        ``CONDA_CHANNEL_ALIAS`` keeps every environment. Credentials a *manifest* carries
+        (a private channel's token) still separate environments, through a digest of
+        them: whoever lacks the token cannot reach an environment built with it by
+        writing the same spec with another token.
         """
-        payload = {
+        conda = sorted({redact(normalize_conda_spec(s)) for s in self.conda})
+        pip = sorted({redact(normalize_pip_requirement(r)) for r in self.pip})
+        payload: dict[str, object] = {
             "v": KEY_VERSION,
             "platform": platform,
-            "conda": sorted(self.conda),
-            "pip": sorted(self.pip),
-            "channels": [resolve_channel(c, channel_alias) for c in self.channels],
+            "conda": conda,
+            "pip": pip,
+            "channels": [redact(resolve_channel(c, channel_alias)) for c in self.channels],
         }
+        secrets = [s for s in (*self.channels, *self.conda, *self.pip) if has_secret(s)]
+        if secrets:
+            payload["credentials"] = hashlib.sha256("\n".join(secrets).encode()).hexdigest()
         digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
         return digest[:20]
 
     def describe(self) -> dict[str, list[str]]:
-        return {"conda": list(self.conda), "pip": list(self.pip), "channels": list(self.channels)}
+        """The spec as it may be written down (cache marker, listings): no credentials."""
+        return {
+            "conda": [redact(s) for s in self.conda],
+            "pip": [redact(r) for r in self.pip],
+            "channels": [redact(c) for c in self.channels],
+        }
