@@ -32,13 +32,12 @@ import fcntl
 import logging
 import os
 import secrets
-import shutil
 import stat
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from hypha_conda_plugin.envs.store import force_rmtree
 from hypha_conda_plugin.sandbox import SANDBOX_USER, passwd_lines
 
 logger = logging.getLogger(__name__)
@@ -247,25 +246,9 @@ def kill_orphans(run_id: str) -> int:
 
 
 def remove_tree(path: Path) -> None:
-    """``rmtree`` that also removes folders whose write bit was taken away."""
-
-    def retry(function, failed_path, _error) -> None:
-        parent = os.path.dirname(failed_path)
-        with contextlib.suppress(OSError):
-            os.chmod(parent, os.stat(parent).st_mode | stat.S_IWUSR | stat.S_IXUSR)
-        with contextlib.suppress(OSError):
-            if os.path.isdir(failed_path) and not os.path.islink(failed_path):
-                os.chmod(failed_path, stat.S_IRWXU)
-                shutil.rmtree(failed_path, ignore_errors=True)
-            else:
-                os.unlink(failed_path)
-
-    if not os.path.lexists(path):
-        return
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=retry)
-    else:
-        shutil.rmtree(path, onerror=retry)
+    """Delete a folder, also where a cell took write permission away (runs in a thread)."""
+    if os.path.lexists(path):
+        force_rmtree(path)
 
 
 def _private_dir(path: Path) -> None:
