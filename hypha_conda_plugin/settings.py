@@ -81,6 +81,7 @@ class Settings(BaseModel):
     cache_dir: Path = DEFAULT_CACHE_DIR
 
     # How many environments the cache keeps (see envs/eviction.py).
+    max_concurrent_builds: int = Field(default=2, ge=1, le=64)
     cache_max_envs: int = Field(default=10, ge=1)
     cache_max_age_days: float = Field(default=30.0, gt=0)
     cache_max_size: int | None = Field(default=None, gt=0)
@@ -212,6 +213,7 @@ class Settings(BaseModel):
             "tool_search_path": "PATH",
             "conda_exe": "CONDA_EXE",
             "mamba_exe": "MAMBA_EXE",
+            "max_concurrent_builds": "CONDA_MAX_CONCURRENT_BUILDS",
             "cache_max_envs": "CONDA_CACHE_MAX_ENVS",
             "cache_max_age_days": "CONDA_CACHE_MAX_AGE_DAYS",
             "cache_max_size": "CONDA_CACHE_MAX_SIZE",

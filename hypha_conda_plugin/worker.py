@@ -118,6 +118,7 @@ class CondaWorker:
             platform=_platform(),
             pip_timeout=settings.build_timeout,
             finish=self._finish_environment,
+            max_concurrent_builds=settings.max_concurrent_builds,
             limits=CacheLimits(
                 max_envs=settings.cache_max_envs,
                 max_age=settings.cache_max_age_days * DAY,

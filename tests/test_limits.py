@@ -41,6 +41,7 @@ async def limited(offline_channel, tmp_path_factory) -> AsyncIterator[dict]:
             "CONDA_MAX_SESSIONS_PER_WORKSPACE": "2",
             "CONDA_SESSION_MEMORY_LIMIT": "1500M",
             "CONDA_KERNEL_POOL_SIZE": "0",
+            "CONDA_MAX_CONCURRENT_BUILDS": "1",
         },
     )
     async with server:
@@ -74,6 +75,33 @@ async def test_session_quotas_refuse_with_the_setting_to_change(limited):
     finally:
         for worker, session in started:
             await worker.stop(session)
+
+
+async def test_builds_beyond_the_limit_wait_their_turn_and_say_so(limited):
+    alice, bob = limited["alice"], limited["bob"]
+    messages: dict[str, list[str]] = {"numpy": [], "pandas": []}
+
+    async def start(worker, package: str) -> str:
+        return await worker.start(
+            {
+                "id": f"build-{package}",
+                "manifest": {"dependencies": ["python", package]},
+                "progress_callback": lambda m: messages[package].append(m["message"]),
+            }
+        )
+
+    started = await asyncio.gather(start(alice, "numpy"), start(bob, "pandas"))
+    try:
+        waited = [
+            package
+            for package, said in messages.items()
+            if any("CONDA_MAX_CONCURRENT_BUILDS" in m for m in said)
+        ]
+        assert len(waited) == 1, messages  # one built, the other waited, then built
+        assert all(any("built in" in m for m in said) for said in messages.values())
+    finally:
+        await alice.stop(started[0])
+        await bob.stop(started[1])
 
 
 async def test_a_cell_past_the_memory_limit_fails_cleanly(limited):

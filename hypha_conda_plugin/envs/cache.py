@@ -34,7 +34,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,11 +153,18 @@ class EnvCache:
         pip_timeout: float,
         limits: CacheLimits | None = None,
         finish: Callable[[Path, Progress], Awaitable[None]] | None = None,
+        max_concurrent_builds: int | None = None,
     ) -> None:
         """``finish`` completes a built environment before it is marked ready (the
-        bytecode a kernel needs, see envs/bytecode.py)."""
+        bytecode a kernel needs, see envs/bytecode.py). ``max_concurrent_builds``: builds
+        of different environments running at once in this process (each is a solver
+        child that may take gigabytes); others wait their turn."""
         self.layout = CacheLayout(envs_dir)
         self.finish = finish
+        self.max_concurrent_builds = max_concurrent_builds
+        self._build_slots = (
+            asyncio.Semaphore(max_concurrent_builds) if max_concurrent_builds else None
+        )
         self.builder = builder
         self.channel_alias = channel_alias
         self.platform = platform
@@ -400,6 +407,37 @@ class EnvCache:
                 logger.warning("Removing half-built environment %s", prefix)
             await asyncio.to_thread(self._discard, prefix)
         describe_spec = spec.describe()
+        async with self._build_slot(key, progress):
+            return await self._run_build(spec, key, prefix, describe_spec, progress)
+
+    @contextlib.asynccontextmanager
+    async def _build_slot(self, key: str, progress: Progress) -> AsyncIterator[None]:
+        """One of ``max_concurrent_builds`` slots; a build that must wait says so."""
+        slots = self._build_slots
+        if slots is None:
+            yield
+            return
+        if slots.locked():
+            await progress(
+                {
+                    "type": "info",
+                    "stage": "environment",
+                    "message": f"Waiting to build environment {key}: "
+                    f"{self.max_concurrent_builds} other build(s) are running, the most this "
+                    "worker runs at once (CONDA_MAX_CONCURRENT_BUILDS)",
+                }
+            )
+        async with slots:
+            yield
+
+    async def _run_build(
+        self,
+        spec: EnvSpec,
+        key: str,
+        prefix: Path,
+        describe_spec: dict[str, list[str]],
+        progress: Progress,
+    ) -> float:
         await progress(
             {
                 "type": "info",
