@@ -92,6 +92,10 @@ async def cache_server(offline_channel, cache_tmp) -> AsyncIterator[LocalServer]
             "CONDA_WORKING_DIR": str(cache_tmp / "sessions"),
             "CONDA_CACHE_DIR": str(cache_tmp / "server-cache"),
             "CONDA_CACHE_MAX_ENVS": "3",
+            # Warm kernels hold leases too (an operator's `envs list` shows them in use);
+            # these tests count exactly the sessions' leases. How warm kernels let go of
+            # an environment the cache evicts is tested in test_pool.py.
+            "CONDA_KERNEL_POOL_SIZE": "0",
         },
     )
     try:

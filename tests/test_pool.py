@@ -189,3 +189,36 @@ async def test_stop_and_shutdown_leave_no_warm_kernel(offline_channel, tmp_path)
     await _wait_for(lambda: not _kernels(tmp_path / "work"), within=10)
     assert not [p for p in (tmp_path / "work").iterdir() if p.name.startswith("r-")]
     assert os.listdir(tmp_path / "work") == []
+
+
+async def test_warm_kernels_let_go_of_an_environment_the_cache_evicts(offline_channel, tmp_path):
+    """In-process worker with room for one environment: the warm kernels of the first
+    environment hold it (a lease) until the cache, building the second, asks them to
+    let go; then it is evicted."""
+    from hypha_conda_plugin.settings import Settings
+    from hypha_conda_plugin.worker import CondaWorker
+
+    worker = CondaWorker(
+        Settings(
+            cache_dir=tmp_path / "cache",
+            working_dir=tmp_path / "work",
+            channel_alias=offline_channel.alias_url,
+            kernel_pool_size=1,
+            cache_max_envs=1,
+        )
+    )
+    caller = {"ws": "ws-x", "user": {"id": "x"}}
+    try:
+        first = await worker.start({"manifest": MANIFEST}, context=caller)
+        first_env = Path((await worker.get_session_info(first, context=caller))["environment"])
+        await worker.stop(first, context=caller)
+        await _wait_for(lambda: worker.pool.ready_counts() == {first_env.name: 1})
+        second = await worker.start(
+            {"manifest": {"dependencies": ["python", "numpy"]}}, context=caller
+        )
+        await _wait_for(lambda: not first_env.exists(), within=30)
+        assert first_env.name not in worker.pool.ready_counts()
+        result = await worker.execute(second, "import numpy; print('ok')", context=caller)
+        assert result["status"] == "ok"
+    finally:
+        await worker.close()
