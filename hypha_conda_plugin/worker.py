@@ -189,20 +189,27 @@ class CondaWorker:
         self._spawn(self._housekeeping())
 
     async def _finish_environment(self, prefix: Path, progress: Progress) -> None:
-        """Make a freshly built environment complete: the bytecode a kernel needs now,
-        the rest (then read-only) in the background (see envs/bytecode.py)."""
+        """Before a freshly built environment is marked ready: the bytecode a kernel
+        needs at start (the rest follows in the background, see envs/bytecode.py)."""
         await self.prepare()
         assert self.launcher is not None
         await progress(
             {"type": "info", "stage": "environment", "message": "Compiling the kernel's bytecode"}
         )
         await self.launcher.warm_bytecode(self.root.new_instance(), prefix)
-        self._spawn(self._complete_environment(prefix))
 
-    async def _complete_environment(self, prefix: Path) -> None:
-        if await compile_remaining(prefix):
-            await asyncio.to_thread(seal, prefix)
-            logger.info("Environment %s compiled and sealed read-only", prefix.name)
+    async def _complete_environment(self, spec: EnvSpec) -> None:
+        """Compile the rest of a new environment's bytecode, then seal it read-only.
+
+        It holds a lease meanwhile: the environment is in use (a prune or an eviction
+        that removed it under a compile would see its folders written again)."""
+        lease = await self.envs.acquire(spec, _quiet, touch=False)
+        try:
+            if await compile_remaining(lease.prefix):
+                await asyncio.to_thread(seal, lease.prefix)
+                logger.info("Environment %s compiled and sealed read-only", lease.key)
+        finally:
+            await lease.release()
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:
         """Background work of the worker; cancelled (children killed) by close()."""
@@ -286,6 +293,8 @@ class CondaWorker:
                     )
                 )
             session.env = await self.envs.acquire(request.spec, progress)
+            if not session.env.reused:
+                self._spawn(self._complete_environment(request.spec))
             await self._start_kernel(session, request, progress)
             if session.kernel is not None and request.app_env:
                 await self._bootstrap(session, request.app_env)

@@ -344,8 +344,14 @@ async def test_envs_list_and_prune_on_a_live_cache(worker, cache_tmp):
     cache = cache_tmp / "server-cache"
     busy = await start(worker, "prune-guard", ("numpy",))
     try:
-        listing = _envs_cli("list", "--cache-dir", str(cache), "--json")
-        rows = {row["key"]: row for row in json.loads(listing.stdout)}
+        # A new environment is in use for a few seconds after its build too, while the
+        # worker compiles the rest of its bytecode: wait for the idle ones to be idle.
+        for _ in range(120):
+            listing = _envs_cli("list", "--cache-dir", str(cache), "--json")
+            rows = {row["key"]: row for row in json.loads(listing.stdout)}
+            if sum(row["in_use"] for row in rows.values()) == 1:
+                break
+            await asyncio.sleep(0.5)
         assert set(rows) == envs_in(cache)
         assert rows[busy]["in_use"] and rows[busy]["size"] > 10_000_000
         idle = sorted(set(rows) - {busy})
