@@ -59,6 +59,12 @@ class Settings(BaseModel):
     default_execute_timeout: float | None = Field(default=None, gt=0)
     max_log_entries: int = Field(default=10_000, ge=100)
 
+    # What one start may copy from an app's files (files_to_stage, entry point). Every
+    # caller may be hostile and the session folders share the worker's disk.
+    max_staged_files: int = Field(default=10_000, ge=1)
+    max_staged_bytes: int = Field(default=2 * 1024**3, ge=1)
+    max_entry_point_bytes: int = Field(default=1024**2, ge=1)
+
     verbose: bool = False
 
     @field_validator("working_dir", "cache_dir")
@@ -107,6 +113,9 @@ class Settings(BaseModel):
             "kernel_start_timeout": "CONDA_KERNEL_START_TIMEOUT",
             "default_execute_timeout": "CONDA_EXECUTE_TIMEOUT",
             "max_log_entries": "CONDA_MAX_LOG_ENTRIES",
+            "max_staged_files": "CONDA_MAX_STAGED_FILES",
+            "max_staged_bytes": "CONDA_MAX_STAGED_BYTES",
+            "max_entry_point_bytes": "CONDA_MAX_ENTRY_POINT_BYTES",
         }
         for field, variable in optional.items():
             if env.get(variable):

@@ -35,6 +35,7 @@ from hypha_conda_plugin.sessions import LOG_TYPES, Session, SessionManager, Sess
 from hypha_conda_plugin.settings import SUPPORTED_APP_TYPE, Settings
 from hypha_conda_plugin.stage_rules import parse_stage_rules
 from hypha_conda_plugin.staging import stage_files
+from hypha_conda_plugin.staging_limits import StagingLimits
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,11 @@ class CondaWorker:
             await asyncio.to_thread(session.runtime_dir.mkdir, parents=True, exist_ok=True)
             if stage_rules:
                 await stage_files(
-                    stage_rules, dest=session.workdir, files=app_files, progress=progress
+                    stage_rules,
+                    dest=session.workdir,
+                    files=app_files,
+                    progress=progress,
+                    limits=StagingLimits.from_settings(self.settings),
                 )
             entry_point = config.get("entry_point") or manifest.get("entry_point")
             entry_code = await self._entry_point(entry_point, app_files, progress, session)
@@ -373,7 +378,9 @@ class CondaWorker:
                 "message": f"Reading entry point {entry_point}",
             }
         )
-        return await app_files.read_text(str(entry_point))
+        return await app_files.read_text(
+            str(entry_point), max_bytes=self.settings.max_entry_point_bytes
+        )
 
     async def _run_entry_point(
         self,
