@@ -46,6 +46,8 @@ class LocalServer:
     plugin_env: Mapping[str, str] = field(default_factory=dict)
     wait_for_worker: bool = True
     root_token: str = field(default_factory=lambda: "local-" + secrets.token_hex(24))
+    #: The S3 store's URL (moto, access key ``local`` / ``local-secret``), once started.
+    s3_url: str | None = None
     _processes: list[tuple[asyncio.subprocess.Process, IO[bytes]]] = field(default_factory=list)
 
     @property
@@ -88,6 +90,7 @@ class LocalServer:
                     os.environ,
                 )
                 await self._wait_ready(f"http://127.0.0.1:{s3_port}/moto-api/", "s3.log")
+                self.s3_url = f"http://127.0.0.1:{s3_port}"
                 args += [
                     "--enable-s3",
                     "--endpoint-url",

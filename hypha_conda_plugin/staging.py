@@ -212,6 +212,7 @@ class _Lister:
         self.files = files
         self.limits = limits
         self.entries = 0
+        self.found = 0  # files among the entries
 
     async def folder(self, source: str, target: str, depth: int = 0) -> list[_Download]:
         """Every file under ``source`` (recursively), paired with where it goes."""
@@ -267,6 +268,8 @@ class _Lister:
                 ) from error
             if not isinstance(page, list):
                 raise StagingError(f"The listing of '{source}/' is not a list of files.")
+            self.found += sum(isinstance(i, dict) and i.get("type") != "directory" for i in page)
+            self.limits.check_files(self.found, f" (listing '{source}/')", at_least=True)
             self.entries += len(page)
             self.limits.check_listing(self.entries, source)
             items.extend(page)

@@ -41,10 +41,11 @@ class StagingLimits:
         full."""
         return self.max_files * LISTING_ENTRIES_PER_FILE
 
-    def check_files(self, count: int, where: str) -> None:
+    def check_files(self, count: int, where: str, *, at_least: bool = False) -> None:
         if count > self.max_files:
             raise StagingError(
-                f"files_to_stage names {count} files{where}; a start may stage at most "
+                f"files_to_stage names {'at least ' if at_least else ''}{count} files{where}; "
+                f"a start may stage at most "
                 f"{self.max_files} (CONDA_MAX_STAGED_FILES={self.max_files}). "
                 + _RAISE_HINT.format(setting="CONDA_MAX_STAGED_FILES")
             )

@@ -80,6 +80,8 @@ async def hypha_server(
             "CONDA_CACHE_DIR": str(worker_dirs["cache"]),
             # A canary: secrets in the server's environment must never reach user code.
             "DATABASE_PASSWORD": "canary-secret",
+            # One line per HTTP request, so tests can count what the worker asked for.
+            "HYPHA_ACCESS_LOG": "true",
         },
     )
     async with server:
