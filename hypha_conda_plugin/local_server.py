@@ -46,6 +46,8 @@ class LocalServer:
     plugin_env: Mapping[str, str] = field(default_factory=dict)
     wait_for_worker: bool = True
     root_token: str = field(default_factory=lambda: "local-" + secrets.token_hex(24))
+    #: More ``module:function`` startup functions, after the worker's (benchmarks).
+    extra_startup_functions: tuple[str, ...] = ()
     #: The S3 store's URL (moto, access key ``local`` / ``local-secret``), once started.
     s3_url: str | None = None
     _processes: list[tuple[asyncio.subprocess.Process, IO[bytes]]] = field(default_factory=list)
@@ -78,6 +80,7 @@ class LocalServer:
             self.root_token,
             "--startup-functions",
             "hypha_conda_plugin:hypha_startup",
+            *self.extra_startup_functions,
             "--database-uri",
             f"sqlite+aiosqlite:///{self.workdir / 'hypha.db'}",
         ]
