@@ -46,6 +46,7 @@ from hypha_conda_plugin.stage_paths import (
 from hypha_conda_plugin.stage_rules import StageRule
 from hypha_conda_plugin.staging_limits import ByteBudget, StagingLimits
 from hypha_conda_plugin.staging_zip import (
+    ZIP_FILES_PER_PART,
     ZIP_MEMBER_LIMIT,
     ZIP_MIN_FILES,
     Member,
@@ -157,7 +158,7 @@ async def stage_files(
         chosen = set(map(id, zipped))
         jobs = [fetch(d) for d in downloads if id(d) not in chosen]
         if zipped:
-            jobs.append(_zipped(client, files, zipped, root, budget, counter, fetch))
+            jobs.append(_zipped(client, files, zipped, root, budget, counter, fetch, concurrency))
         sizes = await _all_or_nothing(jobs)
     report = StagingReport(files=total, bytes=sum(sizes), seconds=time.monotonic() - started)
     await progress(
@@ -178,30 +179,42 @@ async def _zipped(
     budget: ByteBudget,
     counter: _Progress,
     fetch: Callable[[_Download], Awaitable[int]],
+    concurrency: int,
 ) -> int:
-    """Stage ``downloads`` in zip batches, one batch after the other (the server builds
-    each zip alone); when the server will not zip, the rest go one request per file."""
-    assert files.zip_url is not None
+    """Stage ``downloads`` in zip batches, up to ``concurrency`` at a time; once the
+    server refuses to zip, every batch not yet staged goes one request per file."""
+    zip_url = files.zip_url
+    assert zip_url is not None
     by_source = {d.source: d for d in downloads}
     members = [Member(d.source, d.target, d.size or 0) for d in downloads]
-    written = 0
-    groups = batches(members, files.zip_url)
-    for index, group in enumerate(groups):
-        try:
-            written += await stage_zip(client, files, group, root, budget)
-        except ZipUnavailable as reason:
-            rest = [by_source[m.source] for g in groups[index:] for m in g]
-            await counter.progress(
-                _message(
-                    f"The server did not zip the app's files ({reason}); fetching "
-                    f"{len(rest)} file(s) one by one.",
-                    counter.finished / max(1, counter.total),
-                    kind="warning",
-                )
-            )
-            return written + sum(await _all_or_nothing([fetch(d) for d in rest]))
-        await counter.done_many(len(group))
-    return written
+    parts = min(max(1, concurrency), max(1, len(members) // ZIP_FILES_PER_PART))
+    semaphore = asyncio.Semaphore(max(1, concurrency))
+    refused: list[str] = []
+
+    async def one(group: list[Member]) -> int:
+        async with semaphore:
+            if not refused:
+                try:
+                    written = await stage_zip(client, files, group, root, budget)
+                except ZipUnavailable as reason:
+                    first = not refused
+                    refused.append(str(reason))
+                    if first:
+                        await counter.progress(
+                            _message(
+                                f"The server did not zip the app's files ({reason}); "
+                                "fetching them one by one.",
+                                counter.finished / max(1, counter.total),
+                                kind="warning",
+                            )
+                        )
+                else:
+                    await counter.done_many(len(group))
+                    return written
+        return sum(await _all_or_nothing([fetch(by_source[m.source]) for m in group]))
+
+    groups = batches(members, zip_url, parts)
+    return sum(await _all_or_nothing([one(group) for group in groups]))
 
 
 class _Lister:

@@ -17,6 +17,9 @@ What Hypha 0.21.137 does, read from ``hypha/artifact.py`` (and what follows here
   computes the CRC before the header) and cannot zip a file of 4 GiB or more: only
   small files with a size known from a listing go into zips (``ZIP_MEMBER_LIMIT``).
 * The file list travels in the URL, so batches are cut by URL length (``ZIP_URL_LIMIT``).
+* It builds a zip one member after the other (a HEAD, a new S3 client and a GET each,
+  with thread hops per chunk), so a big set is split into a few zips fetched side by
+  side, as the per-file path overlaps its requests.
 
 The zip is treated as hostile: it is streamed to a temporary file in the session folder
 (never held in memory, bounded by the bytes still allowed), then, in a thread, every
@@ -29,6 +32,7 @@ byte beyond an entry's declared size. The temporary zip never outlives the batch
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import stat
 import threading
@@ -54,6 +58,8 @@ ZIP_URL_LIMIT = 8000
 ZIP_MEMBER_LIMIT = 16 * 1024**2
 #: Fewer files than this are fetched one by one (a zip of one file saves nothing).
 ZIP_MIN_FILES = 2
+#: Files per zip below which a set is not split further to run zips side by side.
+ZIP_FILES_PER_PART = 100
 #: Bytes handed to the writer thread at a time.
 CHUNK_SIZE = 256 * 1024
 #: A zip's own bytes besides the files: 22 for the end record, and per entry about 94
@@ -78,14 +84,16 @@ class Member:
     size: int
 
 
-def batches(members: Sequence[Member], zip_url: str) -> list[list[Member]]:
-    """Split ``members`` so that every request URL stays under ``ZIP_URL_LIMIT``."""
+def batches(members: Sequence[Member], zip_url: str, parts: int = 1) -> list[list[Member]]:
+    """Split ``members`` into at least ``parts`` batches of similar size, cut further so
+    that every request URL stays under ``ZIP_URL_LIMIT``."""
+    per_batch = max(1, math.ceil(len(members) / max(1, parts)))
     result: list[list[Member]] = []
     current: list[Member] = []
     length = len(zip_url) + 64  # '?', the version and proxy parameters
     for member in members:
         extra = len("&file=") + len(quote(member.source, safe=""))
-        if current and length + extra > ZIP_URL_LIMIT:
+        if current and (length + extra > ZIP_URL_LIMIT or len(current) >= per_batch):
             result.append(current)
             current, length = [], len(zip_url) + 64
         current.append(member)
