@@ -115,7 +115,8 @@ async def stage_files(
     started = time.monotonic()
     root = await asyncio.to_thread(resolved_dir, dest)
     budget = ByteBudget(limits)
-    async with files.client(max_connections=max(1, concurrency) + 1) as client:
+    # Zip batches and single downloads run side by side, up to `concurrency` each.
+    async with files.client(max_connections=2 * max(1, concurrency) + 1) as client:
         lister = _Lister(client, files, limits)
         downloads: list[_Download] = []
         for rule in rules:
