@@ -24,6 +24,8 @@ TIMEOUT = httpx.Timeout(60.0, connect=20.0)
 PROXY_PARAMS = {"use_proxy": "true"}
 
 APP_KEYS = ("app_id", "artifact_id", "app_files_base_url")
+#: The entry point's size limit when the caller gives none (``Settings.max_entry_point_bytes``).
+DEFAULT_MAX_TEXT_BYTES = 1024**2
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,25 @@ class AppFiles:
             verify_ssl=not config.get("disable_ssl"),
         )
 
+    @property
+    def zip_url(self) -> str | None:
+        """The artifact's ``create-zip-file`` endpoint, beside ``files``; None when the
+        files URL has another shape (then files are fetched one by one)."""
+        base = self.base_url.rstrip("/")
+        if not base.endswith("/files"):
+            return None
+        return base.removesuffix("/files") + "/create-zip-file"
+
+    @property
+    def zip_params(self) -> dict[str, str]:
+        """The version parameter of ``create-zip-file``: it takes ``version`` only, where
+        the staged files are ``version=stage`` (it ignores ``stage=true``)."""
+        if self.stage:
+            return {"version": "stage"}
+        if self.version is not None:
+            return {"version": self.version}
+        return {}
+
     def url(self, path: str, *, folder: bool = False) -> str:
         """URL of a file, or of a folder's listing (a trailing '/' asks for JSON)."""
         return f"{self.base_url.rstrip('/')}/{quote(path.strip('/'))}" + ("/" if folder else "")
@@ -82,16 +103,39 @@ class AppFiles:
             params=self.params,
         )
 
-    async def read_text(self, path: str) -> str:
-        """A small text file, such as the entry point."""
+    async def read_text(self, path: str, max_bytes: int = DEFAULT_MAX_TEXT_BYTES) -> str:
+        """A small text file, such as the entry point, of at most ``max_bytes`` bytes.
+
+        The body is streamed and counted, so a server (or a caller's URL) that sends a
+        huge or endless body costs at most ``max_bytes`` of memory.
+        """
         url = self.url(path)
+        chunks: list[bytes] = []
+        size = 0
         try:
             async with self.client(max_connections=1) as client:
-                response = await client.get(url)
-                response.raise_for_status()
+                async with client.stream("GET", url) as response:
+                    response.raise_for_status()
+                    declared = response.headers.get("content-length", "")
+                    if declared.isdigit() and int(declared) > max_bytes:
+                        raise _too_big(path, int(declared), max_bytes)
+                    async for chunk in response.aiter_bytes():
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise _too_big(path, size, max_bytes, at_least=True)
+                        chunks.append(chunk)
         except httpx.HTTPError as error:
             raise AppFileError(
                 f"Could not read the app's file '{path}' from {url}: {error}. Check that "
                 "the file is part of the app and the manifest names it correctly."
             ) from error
-        return response.text
+        return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def _too_big(path: str, size: int, limit: int, *, at_least: bool = False) -> AppFileError:
+    return AppFileError(
+        f"The app's file '{path}' is {'at least ' if at_least else ''}{size} bytes; the "
+        f"entry point may be at most {limit} bytes (CONDA_MAX_ENTRY_POINT_BYTES={limit}). "
+        "Keep the entry point small and stage bigger files with files_to_stage, or ask "
+        "the operator to raise the limit."
+    )

@@ -52,6 +52,10 @@ class LocalServer:
     # 64+ characters: hypha refuses a shorter root token that happens to contain "123",
     # "abc", ... (about 2% of 48 random hex digits did, and the server would not start).
     root_token: str = field(default_factory=lambda: "local-" + secrets.token_hex(32))
+    #: More ``module:function`` startup functions, after the worker's (benchmarks).
+    extra_startup_functions: tuple[str, ...] = ()
+    #: The S3 store's URL (moto, access key ``local`` / ``local-secret``), once started.
+    s3_url: str | None = None
     _processes: list[tuple[asyncio.subprocess.Process, IO[bytes]]] = field(default_factory=list)
     _server: asyncio.subprocess.Process | None = None
 
@@ -98,6 +102,7 @@ class LocalServer:
                     os.environ,
                 )
                 await self._wait_ready(f"http://127.0.0.1:{s3_port}/moto-api/", "s3.log")
+                self.s3_url = f"http://127.0.0.1:{s3_port}"
                 args += [
                     "--enable-s3",
                     "--endpoint-url",
@@ -114,8 +119,12 @@ class LocalServer:
                 args.append("--enable-server-apps")
             if self.mcp:
                 args.append("--enable-mcp")
-            if self.in_server_worker:
-                args += ["--startup-functions", "hypha_conda_plugin:hypha_startup"]
+            functions = [
+                *(["hypha_conda_plugin:hypha_startup"] if self.in_server_worker else []),
+                *self.extra_startup_functions,
+            ]
+            if functions:
+                args += ["--startup-functions", *functions]
             env = {**os.environ, **self.plugin_env}
             self._server = await self._spawn(
                 [sys.executable, "-m", "hypha.server", *args], "hypha.log", env

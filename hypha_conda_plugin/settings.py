@@ -123,6 +123,12 @@ class Settings(BaseModel):
     # Who may call.
     allow_anonymous: bool = False
 
+    # What one start may copy from an app's files (files_to_stage, entry point). Every
+    # caller may be hostile and the session folders share the worker's disk.
+    max_staged_files: int = Field(default=10_000, ge=1)
+    max_staged_bytes: int = Field(default=2 * 1024**3, ge=1)
+    max_entry_point_bytes: int = Field(default=1024**2, ge=1)
+
     verbose: bool = False
 
     @field_validator("idle_timeout", mode="before")
@@ -218,6 +224,9 @@ class Settings(BaseModel):
             "cache_max_age_days": "CONDA_CACHE_MAX_AGE_DAYS",
             "cache_max_size": "CONDA_CACHE_MAX_SIZE",
             "cache_sweep_interval": "CONDA_CACHE_SWEEP_INTERVAL",
+            "max_staged_files": "CONDA_MAX_STAGED_FILES",
+            "max_staged_bytes": "CONDA_MAX_STAGED_BYTES",
+            "max_entry_point_bytes": "CONDA_MAX_ENTRY_POINT_BYTES",
         }
         for field, variable in optional.items():
             if env.get(variable):

@@ -46,6 +46,7 @@ from hypha_conda_plugin.settings import SUPPORTED_APP_TYPE, Settings
 from hypha_conda_plugin.shared_identity import with_caller_identity
 from hypha_conda_plugin.stage_rules import parse_stage_rules
 from hypha_conda_plugin.staging import stage_files
+from hypha_conda_plugin.staging_limits import StagingLimits
 from hypha_conda_plugin.start_request import StartRequest
 from hypha_conda_plugin.tokens import TokenVerifier
 
@@ -362,6 +363,7 @@ class CondaWorker:
                     dest=instance.work,
                     files=request.app_files,
                     progress=progress,
+                    limits=StagingLimits.from_settings(self.settings),
                 )
             )
         jobs.append(self._read_entry_point(session, request, progress))
@@ -717,7 +719,9 @@ class CondaWorker:
                 "message": f"Reading entry point {entry_point}",
             }
         )
-        session.entry_code = await app_files.read_text(entry_point)
+        session.entry_code = await app_files.read_text(
+            entry_point, max_bytes=self.settings.max_entry_point_bytes
+        )
 
     async def _run_entry_point(
         self, session: Session, request: StartRequest, progress: Callable

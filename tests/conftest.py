@@ -87,6 +87,8 @@ async def hypha_server(
             # of their own, on servers of their own).
             "CONDA_MAX_SESSIONS": "100",
             "CONDA_MAX_SESSIONS_PER_WORKSPACE": "50",
+            # One line per HTTP request, so tests can count what the worker asked for.
+            "HYPHA_ACCESS_LOG": "true",
         },
     )
     async with server:

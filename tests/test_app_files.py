@@ -43,3 +43,13 @@ def test_urls_quote_paths_and_mark_folder_listings():
     files = AppFiles("http://h/ws/artifacts/a/files/")
     assert files.url("data/my file.csv") == "http://h/ws/artifacts/a/files/data/my%20file.csv"
     assert files.url("models/", folder=True) == "http://h/ws/artifacts/a/files/models/"
+
+
+def test_the_zip_endpoint_sits_beside_files_and_takes_the_version():
+    files = AppFiles("http://h/ws/artifacts/a/files/")
+    assert files.zip_url == "http://h/ws/artifacts/a/create-zip-file"
+    assert files.zip_params == {}
+    # create-zip-file ignores stage=true: the staged files are version=stage there.
+    assert AppFiles("http://h/ws/artifacts/a/files", stage=True).zip_params == {"version": "stage"}
+    assert AppFiles("http://h/ws/artifacts/a/files", version="v2").zip_params == {"version": "v2"}
+    assert AppFiles("http://h/some/other/place").zip_url is None
