@@ -95,6 +95,25 @@ async def hypha_server(
         yield server
 
 
+def worker_server(
+    folder: Path, channel: ChannelBuildResult, *, s3: bool = False, **settings: str
+) -> LocalServer:
+    """A Hypha server of a test's own, with our worker configured by ``settings``
+    (``CONDA_*`` variables) on its own working and cache folders under ``folder``; no S3
+    or server apps unless asked, so it starts in a second or two."""
+    return LocalServer(
+        folder / "server",
+        s3=s3,
+        server_apps=s3,
+        plugin_env={
+            "CONDA_CHANNEL_ALIAS": channel.alias_url,
+            "CONDA_WORKING_DIR": str(folder / "sessions"),
+            "CONDA_CACHE_DIR": str(folder / "cache"),
+            **settings,
+        },
+    )
+
+
 async def _connect(server: LocalServer, workspace: str):
     from hypha_rpc import connect_to_server
 

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from hypha_conda_plugin.local_server import LocalServer
 from hypha_conda_plugin.sandbox import detect_sandbox
-from tests.conftest import _connect
+from tests.conftest import _connect, worker_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -44,15 +44,9 @@ async def tenants(request, offline_channel, tmp_path_factory) -> AsyncIterator[d
     if mode == "bwrap" and not (await detect_sandbox("auto")).enabled:
         pytest.skip("bubblewrap cannot create user namespaces on this machine")
     folder = tmp_path_factory.mktemp(f"isolation-{mode}")
-    server = LocalServer(
-        folder / "server",
-        plugin_env={
-            "CONDA_CHANNEL_ALIAS": offline_channel.alias_url,
-            "CONDA_WORKING_DIR": str(folder / "sessions"),
-            "CONDA_CACHE_DIR": str(folder / "cache"),
-            "CONDA_SANDBOX": mode,
-            "HYPHA_TEST_CANARY": CANARY,
-        },
+    # With S3 and server apps, like a production server (their secrets in its process).
+    server = worker_server(
+        folder, offline_channel, s3=True, CONDA_SANDBOX=mode, HYPHA_TEST_CANARY=CANARY
     )
     async with server:
         alice = await _connect(server, "ws-alice")

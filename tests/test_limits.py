@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from hypha_conda_plugin.local_server import LocalServer
-from tests.conftest import _connect
+from tests.conftest import _connect, worker_server
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -29,20 +29,14 @@ def _stdout(result: dict) -> str:
 @pytest.fixture(scope="module")
 async def limited(offline_channel, tmp_path_factory) -> AsyncIterator[dict]:
     folder = tmp_path_factory.mktemp("limits")
-    server = LocalServer(
-        folder / "server",
-        s3=False,
-        server_apps=False,
-        plugin_env={
-            "CONDA_CHANNEL_ALIAS": offline_channel.alias_url,
-            "CONDA_WORKING_DIR": str(folder / "sessions"),
-            "CONDA_CACHE_DIR": str(folder / "cache"),
-            "CONDA_MAX_SESSIONS": "3",
-            "CONDA_MAX_SESSIONS_PER_WORKSPACE": "2",
-            "CONDA_SESSION_MEMORY_LIMIT": "1500M",
-            "CONDA_KERNEL_POOL_SIZE": "0",
-            "CONDA_MAX_CONCURRENT_BUILDS": "1",
-        },
+    server = worker_server(
+        folder,
+        offline_channel,
+        CONDA_MAX_SESSIONS="3",
+        CONDA_MAX_SESSIONS_PER_WORKSPACE="2",
+        CONDA_SESSION_MEMORY_LIMIT="1500M",
+        CONDA_KERNEL_POOL_SIZE="0",
+        CONDA_MAX_CONCURRENT_BUILDS="1",
     )
     async with server:
         alice = await _connect(server, "ws-alice")
@@ -121,17 +115,8 @@ async def test_a_cell_past_the_memory_limit_fails_cleanly(limited):
 
 
 async def test_an_idle_session_is_stopped_and_its_logs_say_why(offline_channel, tmp_path):
-    server = LocalServer(
-        tmp_path / "server",
-        s3=False,
-        server_apps=False,
-        plugin_env={
-            "CONDA_CHANNEL_ALIAS": offline_channel.alias_url,
-            "CONDA_WORKING_DIR": str(tmp_path / "sessions"),
-            "CONDA_CACHE_DIR": str(tmp_path / "cache"),
-            "CONDA_IDLE_TIMEOUT": "2",
-            "CONDA_KERNEL_POOL_SIZE": "0",
-        },
+    server = worker_server(
+        tmp_path, offline_channel, CONDA_IDLE_TIMEOUT="2", CONDA_KERNEL_POOL_SIZE="0"
     )
     async with server:
         api = await _connect(server, "ws-idle")

@@ -15,8 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hypha_conda_plugin.local_server import LocalServer
-from tests.conftest import _connect
+from tests.conftest import _connect, worker_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -60,17 +59,8 @@ async def _warm(worker, count: int, within: float = 60.0) -> None:
 @pytest.fixture(scope="module")
 async def pool_server(offline_channel, tmp_path_factory) -> AsyncIterator[dict]:
     folder = tmp_path_factory.mktemp("pool")
-    server = LocalServer(
-        folder / "server",
-        s3=False,
-        server_apps=False,
-        plugin_env={
-            "CONDA_CHANNEL_ALIAS": offline_channel.alias_url,
-            "CONDA_WORKING_DIR": str(folder / "sessions"),
-            "CONDA_CACHE_DIR": str(folder / "cache"),
-            "CONDA_KERNEL_POOL_SIZE": "1",
-            "CONDA_MAX_SESSIONS": "3",
-        },
+    server = worker_server(
+        folder, offline_channel, CONDA_KERNEL_POOL_SIZE="1", CONDA_MAX_SESSIONS="3"
     )
     async with server:
         api = await _connect(server, "ws-pool")

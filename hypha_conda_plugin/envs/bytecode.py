@@ -80,13 +80,7 @@ def seal(prefix: Path) -> None:
     """
     read_only = ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
     for root, dirs, files in os.walk(prefix):
-        for name in files:
-            path = os.path.join(root, name)
-            with contextlib.suppress(OSError):
-                mode = os.lstat(path).st_mode
-                if not stat.S_ISLNK(mode):
-                    os.chmod(path, stat.S_IMODE(mode) & read_only)
-        for name in dirs:
+        for name in (*files, *dirs):
             path = os.path.join(root, name)
             with contextlib.suppress(OSError):
                 mode = os.lstat(path).st_mode
