@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hypha_rpc import connect_to_server  # noqa: E402
+from measure import rss_mb  # noqa: E402
 from tables import print_table  # noqa: E402
 
 from hypha_conda_plugin.channel import build_channel  # noqa: E402
@@ -34,13 +35,6 @@ CELLS = {
     "print 15 MiB (under the cap)": "for i in range(15):\n    print('x' * (2**20 - 1))",
     "print 200 MB in 1 MB lines (cut at 16 MiB)": "for i in range(200):\n    print('x' * 10**6)",
 }
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 async def echoes_while(other, pid: int, work) -> tuple[float, list[float], float]:

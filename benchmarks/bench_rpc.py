@@ -13,7 +13,6 @@ import asyncio
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,6 +20,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hypha_rpc import connect_to_server  # noqa: E402
+from measure import median_ms, rss_mb, tree_rss_mb  # noqa: E402
 from tables import print_table  # noqa: E402
 
 from hypha_conda_plugin.channel import build_channel  # noqa: E402
@@ -30,22 +30,6 @@ from hypha_conda_plugin.worker import CondaWorker  # noqa: E402
 
 MANIFEST = {"dependencies": ["python", "numpy", "pandas"]}
 CTX = {"ws": "bench", "user": {"id": "bench-user"}}
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def tree_rss_mb(pid: int) -> float:
-    """RSS of a process and all its descendants: a sandboxed kernel is the bwrap
-    process that was launched, bwrap's init inside the sandbox, and the kernel."""
-    import psutil
-
-    root = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
 
 
 def server_pid(port: int) -> int:
@@ -59,15 +43,6 @@ def server_pid(port: int) -> int:
             if b"hypha.server" in cmd and str(port).encode() in cmd:
                 return int(entry.name)
     raise RuntimeError("hypha server process not found")
-
-
-async def median_ms(call, n: int) -> float:
-    times = []
-    for _ in range(n):
-        started = time.perf_counter()
-        await call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
 
 
 async def main() -> None:

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
-import psutil  # noqa: E402
+from measure import quiet, tree_rss_mb  # noqa: E402
 from tables import print_table  # noqa: E402
 
 from hypha_conda_plugin.channel import build_channel  # noqa: E402
@@ -29,15 +29,6 @@ from hypha_conda_plugin.launcher import KernelLauncher  # noqa: E402
 from hypha_conda_plugin.sandbox import UNSANDBOXED_GUARANTEES, Isolation, Sandbox  # noqa: E402
 from hypha_conda_plugin.settings import Settings  # noqa: E402
 from hypha_conda_plugin.worker import CondaWorker  # noqa: E402
-
-
-async def quiet(_: dict) -> None:
-    return None
-
-
-def tree_rss_mb(pid: int) -> float:
-    root = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
 
 
 async def main() -> None:

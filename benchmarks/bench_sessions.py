@@ -23,13 +23,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
+from measure import quiet, timed  # noqa: E402
 from tables import print_table  # noqa: E402
 
 from hypha_conda_plugin.channel import build_channel  # noqa: E402
@@ -40,10 +40,6 @@ PACKAGES = ["numpy", "pandas"]
 MANIFEST = {"dependencies": ["python", *PACKAGES]}
 #: The worker serves callers Hypha names; in-process calls say who they act for.
 CTX = {"ws": "bench", "user": {"id": "bench-user"}}
-
-
-async def quiet(_: dict) -> None:
-    return None
 
 
 class LagProbe:
@@ -67,12 +63,6 @@ class LagProbe:
     def __exit__(self, *exc: object) -> None:
         assert self._task is not None
         self._task.cancel()
-
-
-async def timed(action: Callable[[], Awaitable[object]]) -> float:
-    started = time.perf_counter()
-    await action()
-    return time.perf_counter() - started
 
 
 def worker_for(root: Path, alias: str) -> CondaWorker:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hypha_rpc import connect_to_server  # noqa: E402
+from measure import pct, timed  # noqa: E402
 from server_probe import ServerProbe  # noqa: E402
 from tables import print_table  # noqa: E402
 
@@ -35,17 +36,6 @@ from hypha_conda_plugin.channel import build_channel  # noqa: E402
 from hypha_conda_plugin.local_server import LocalServer  # noqa: E402
 
 MANIFEST = {"dependencies": ["python", "numpy"]}
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-async def timed(call) -> float:
-    began = time.perf_counter()
-    await call()
-    return time.perf_counter() - began
 
 
 async def raw_kernel(python: Path, folder: Path, runs: int, executes: int) -> tuple[list, list]:
