@@ -75,6 +75,51 @@ async def raw_kernel(python: Path, folder: Path, runs: int, executes: int) -> tu
     return starts, cells
 
 
+async def raw_concurrent(python: Path, folder: Path, kernels: int, cells: int) -> tuple:
+    """Baseline for the load test: ``kernels`` bare jupyter_client kernels of the same
+    environment in this process, ``cells`` cells each, all at once (no Hypha, no worker):
+    what the machine and jupyter_client alone give. Returns (cells/s, latencies)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import AsyncKernelManager
+
+    spec_dir = folder / "kernels" / "raw"
+    if not spec_dir.exists():
+        spec_dir.mkdir(parents=True)
+        argv = [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+        (spec_dir / "kernel.json").write_text(
+            json.dumps({"argv": argv, "language": "python", "display_name": "raw"})
+        )
+    managers, clients = [], []
+    for _ in range(kernels):
+        km = AsyncKernelManager(
+            kernel_name="raw",
+            kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec_dir.parent)]),
+        )
+        await km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        await kc.wait_for_ready(timeout=60)
+        managers.append(km)
+        clients.append(kc)
+    latencies: list[float] = []
+
+    async def run(kc) -> None:
+        for _ in range(cells):
+            latencies.append(
+                await timed(
+                    lambda: kc.execute_interactive("1 + 1", timeout=30, output_hook=lambda _: None)
+                )
+            )
+
+    began = time.perf_counter()
+    await asyncio.gather(*(run(kc) for kc in clients))
+    wall = time.perf_counter() - began
+    for km, kc in zip(managers, clients, strict=True):
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+    return len(latencies) / wall, latencies
+
+
 async def probe_phase(server, token, action) -> float:
     """The worst server round trip (ms) while ``action`` runs."""
     with ServerProbe(server.url, token) as probe:
@@ -206,6 +251,9 @@ async def main() -> None:
         raw_starts, raw_cells = await raw_kernel(
             prefix / "bin" / "python", root / "raw", max(5, args.runs // 2), args.executes
         )
+        raw_rate, raw_latencies = await raw_concurrent(
+            prefix / "bin" / "python", root / "raw", 8, 50
+        )
 
     med = statistics.median
     base = med(raw_starts)
@@ -230,12 +278,25 @@ async def main() -> None:
         "ms",
     )
     print(f"\nAdded by Hypha and the worker: {(med(through) - raw_cell) * ms:.1f} ms per cell")
+    rate = len(latencies) / wall
     print_table(
-        "8 sessions x 50 cells at once",
+        "8 sessions x 50 cells at once, through Hypha (bare jupyter_client kernels: baseline)",
         [
-            ("cells per second", len(latencies) / wall, None),
-            ("p50 latency, ms", pct(latencies, 0.5) * ms, None),
-            ("p99 latency, ms", pct(latencies, 0.99) * ms, None),
+            ("cells per second, baseline", raw_rate, 1.0),
+            ("cells per second", rate, rate / raw_rate),
+            ("p50 latency, ms, baseline", pct(raw_latencies, 0.5) * ms, 1.0),
+            (
+                "p50 latency, ms",
+                pct(latencies, 0.5) * ms,
+                pct(latencies, 0.5) / pct(raw_latencies, 0.5),
+            ),
+            ("p99 latency, ms, baseline", pct(raw_latencies, 0.99) * ms, 1.0),
+            (
+                "p99 latency, ms",
+                pct(latencies, 0.99) * ms,
+                pct(latencies, 0.99) / pct(raw_latencies, 0.99),
+            ),
+            ("worst latency, ms, baseline", max(raw_latencies) * ms, None),
             ("worst latency, ms", max(latencies) * ms, None),
         ],
         "value",
