@@ -44,6 +44,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -226,12 +227,42 @@ async def _shell_reply(client: AsyncKernelClient, msg_id: str) -> dict[str, Any]
             return reply["content"]
 
 
-def _kill_group(pgid: int | None) -> None:
-    """SIGKILL what is left of the kernel's process group (user-started children)."""
+#: Every process of a kernel carries this variable with the kernel's own id, so that what
+#: is left of its process group is only killed if it really is the kernel's.
+GROUP_MARKER_VARIABLE = "HYPHA_CONDA_KERNEL"
+
+
+def _kill_group(pgid: int | None, marker: bytes) -> None:
+    """SIGKILL what is left of the kernel's process group (user-started children).
+
+    Only if a member of the group still carries the kernel's marker: once every member
+    is gone the group's number is free, and a new, unrelated process may own it (runs in a
+    thread: it reads ``/proc``).
+    """
     if not hasattr(os, "killpg") or pgid is None or pgid <= 1 or pgid == os.getpgid(0):
+        return
+    if not _group_carries(pgid, marker):
         return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+def _group_carries(pgid: int, marker: bytes) -> bool:
+    """Whether some process of group ``pgid`` has ``marker`` in its environment."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+            if int(fields[2]) != pgid:
+                continue
+            with open(f"/proc/{entry.name}/environ", "rb") as handle:
+                if marker in handle.read().split(b"\0"):
+                    return True
+        except (OSError, IndexError, ValueError):
+            continue
+    return False
 
 
 def _read_log_tail(path: Path, offset: int) -> str:
@@ -277,7 +308,9 @@ class Kernel:
         # ``bin/python`` symlink would lose the environment.
         self._python = Path(python).absolute()
         self._cwd = Path(cwd).absolute()
-        self._env = dict(env)
+        kernel_id = uuid.uuid4().hex
+        self._env = {**env, GROUP_MARKER_VARIABLE: kernel_id}
+        self._marker = f"{GROUP_MARKER_VARIABLE}={kernel_id}".encode()
         self._log_path = Path(log_path) if log_path is not None else None
         # How long a timed-out cell may take to stop after SIGINT before we restart.
         self._interrupt_grace = interrupt_grace
@@ -608,7 +641,8 @@ class Kernel:
             if cell.messages_seen == seen:
                 break
         if process.pid not in self._stop_reasons:
-            _kill_group(getattr(self._km.provisioner, "pgid", None) if self._km else None)
+            pgid = getattr(self._km.provisioner, "pgid", None) if self._km else None
+            await asyncio.to_thread(_kill_group, pgid, self._marker)
         return self._died_result(cell, process)
 
     def _died_result(self, cell: CellOutputs, process: subprocess.Popen[bytes]) -> dict[str, Any]:
@@ -691,7 +725,7 @@ class Kernel:
         self._close_client()
         if km is not None:
             await self._stop_manager(km)
-        _kill_group(pgid)
+        await asyncio.to_thread(_kill_group, pgid, self._marker)
         self._km = None
         if self._log_file is not None:
             self._log_file.close()

@@ -491,3 +491,29 @@ async def test_shutdown_during_cell_returns_promptly(own_kernel: Kernel) -> None
     result = await asyncio.wait_for(task, 5)
     assert result["status"] == "error"
     assert result["error"]["ename"] in ("KernelDied", "KeyboardInterrupt")
+
+
+def test_a_process_group_is_killed_only_while_it_is_the_kernels() -> None:
+    """A group number is free once its last member is gone, and may then belong to
+    someone else: teardown kills a group only if a member carries the kernel's marker."""
+    import subprocess
+
+    from hypha_conda_plugin.kernel import GROUP_MARKER_VARIABLE, _kill_group
+
+    marker = f"{GROUP_MARKER_VARIABLE}=k-{os.getpid()}"
+    foreign = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    ours = subprocess.Popen(
+        ["sleep", "30"],
+        start_new_session=True,
+        env={**os.environ, GROUP_MARKER_VARIABLE: f"k-{os.getpid()}"},
+    )
+    try:
+        _kill_group(foreign.pid, marker.encode())
+        _kill_group(ours.pid, marker.encode())
+        assert ours.wait(5) == -9
+        assert foreign.poll() is None  # not ours: left alone
+    finally:
+        foreign.kill()
+        ours.kill()
+        foreign.wait()
+        ours.wait()
