@@ -204,7 +204,9 @@ class CondaWorker:
 
         It holds a lease meanwhile: the environment is in use (a prune or an eviction
         that removed it under a compile would see its folders written again)."""
-        lease = await self.envs.acquire(spec, _quiet, touch=False)
+        # A use (touch): an environment still being completed is not the warm pool's
+        # to give back, and it was just built for a session.
+        lease = await self.envs.acquire(spec, _quiet)
         try:
             if await compile_remaining(lease.prefix):
                 await asyncio.to_thread(seal, lease.prefix)

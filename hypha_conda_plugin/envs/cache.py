@@ -581,7 +581,8 @@ class EnvCache:
             for key in warm_only:
                 with contextlib.suppress(Exception):
                     await self.on_reclaim(key)
-            self._wake_sweep()  # and try again once they let go
+            if any(not self._leases.get(key) for key in warm_only):
+                self._wake_sweep()  # they let go: try again at once (only then, no spin)
         return report
 
     async def close(self) -> None:
