@@ -100,12 +100,18 @@ class EnvLease:
         lock = self._detach()
         if lock is not None:
             await asyncio.to_thread(_let_go, lock, self.touch)
+            self._after_release()
 
     def release_now(self) -> None:
         """``release`` for error paths that cannot await (two fast system calls)."""
         lock = self._detach()
         if lock is not None:
             _let_go(lock, self.touch)
+            self._after_release()
+
+    def _after_release(self) -> None:
+        if self._cache is not None:
+            self._cache._released(self.key)
 
     def _detach(self) -> LockFile | None:
         lock, self._lock = self._lock, None
@@ -522,6 +528,13 @@ class EnvCache:
             holders.discard(lease)
             if not holders:
                 del self._leases[lease.key]
+
+    def _released(self, key: str) -> None:
+        """The last local holder of ``key`` let go: if the last sweep had to keep it
+        because it was in use, sweep again now rather than at the next interval."""
+        report = self.last_sweep
+        if report is not None and key in report.kept_in_use and not self._leases.get(key):
+            self._wake_sweep()
 
     def leases_held(self) -> dict[str, int]:
         """Live leases of this process, by key."""
