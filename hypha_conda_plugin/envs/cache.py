@@ -530,10 +530,13 @@ class EnvCache:
                 del self._leases[lease.key]
 
     def _released(self, key: str) -> None:
-        """The last local holder of ``key`` let go: if the last sweep had to keep it
-        because it was in use, sweep again now rather than at the next interval."""
+        """A holder of ``key`` let go: if the last sweep had to keep it because it was in
+        use, and what holds it now (if anything) is only warm kernels the pool can give
+        back, sweep again now rather than at the next interval."""
         report = self.last_sweep
-        if report is not None and key in report.kept_in_use and not self._leases.get(key):
+        if report is None or key not in report.kept_in_use:
+            return
+        if not any(lease.touch for lease in self._leases.get(key, ())):
             self._wake_sweep()
 
     def leases_held(self) -> dict[str, int]:
