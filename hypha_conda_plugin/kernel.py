@@ -298,6 +298,7 @@ class Kernel:
         wrap: Callable[[list[str]], list[str]] | None = None,
         preexec_fn: Callable[[], None] | None = None,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES,
+        niceness: int = 0,
     ) -> None:
         """``runtime_dir``: an existing private folder for the kernelspec, connection
         file and sockets (its owner removes it); by default a temporary one is made.
@@ -316,6 +317,8 @@ class Kernel:
         self._interrupt_grace = interrupt_grace
         # A cell's output cap, applied by CellOutputs and (as a saving) in the kernel.
         self._max_output_bytes = max_output_bytes
+        # CPU priority below the server's (see kernel_bootstrap).
+        self._niceness = niceness
         self._km: AsyncKernelManager | None = None
         self._client: AsyncKernelClient | None = None
         self._runtime_dir = Path(runtime_dir) if runtime_dir is not None else None
@@ -388,7 +391,7 @@ class Kernel:
             self._private_dir = Path(tempfile.mkdtemp(prefix="hypha-kernel-"))
         spec_dir = self._private_dir / "kernels" / SPEC_NAME
         spec_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        argv = kernel_argv(self._python, max_output=self._max_output_bytes)
+        argv = kernel_argv(self._python, max_output=self._max_output_bytes, niceness=self._niceness)
         spec = {
             "argv": self._wrap(argv) if self._wrap is not None else argv,
             "display_name": f"Python ({self._python})",

@@ -20,6 +20,11 @@ An exception's message and traceback are clipped the same way (they go out whole
 two messages, ``error`` and ``execute_reply``, so a huge one would otherwise meet the
 worker's message size limit and lose the cell's reply).
 
+With ``niceness``, the kernel lowers its own CPU priority first: on a shared machine
+ten busy cells (or ten kernels starting) would otherwise take the CPU from the Hypha
+server itself, which then answers every user late. A kernel without the capability to
+raise it again (the sandbox has none) keeps it, and so does everything it starts.
+
 Nothing is added to the user's namespace, and it survives kernel restarts (same
 command line). It is an optimization, not the protection: user code can undo it, and
 the worker's own cap (``CellOutputs``) does not trust it.
@@ -35,7 +40,11 @@ from hypha_conda_plugin.outputs import DROPPED_AT_SOURCE, MAX_EVALUE_BYTES, MAX_
 STREAM_CHUNK = 256 * 1024
 
 _BOOTSTRAP = """\
+import os
 import sys
+if %(niceness)d:
+    os.nice(%(niceness)d)  # below the server's priority, before the imports of start-up
+del os
 if sys.path and sys.path[0] == "":
     del sys.path[0]  # as ipykernel_launcher does: no imports from the working folder
 
@@ -156,9 +165,10 @@ kernelapp.launch_new_instance()
 """
 
 
-def bootstrap_code(max_output: int, chunk: int = STREAM_CHUNK) -> str:
+def bootstrap_code(max_output: int, chunk: int = STREAM_CHUNK, niceness: int = 0) -> str:
     """The ``python -c`` program that starts ipykernel with the output limits."""
     return _BOOTSTRAP % {
+        "niceness": niceness,
         "max_output": max_output,
         "chunk": chunk,
         "report_type": DROPPED_AT_SOURCE,
@@ -168,6 +178,7 @@ def bootstrap_code(max_output: int, chunk: int = STREAM_CHUNK) -> str:
     }
 
 
-def kernel_argv(python: Path, *, max_output: int) -> list[str]:
+def kernel_argv(python: Path, *, max_output: int, niceness: int = 0) -> list[str]:
     """The kernelspec ``argv`` of a kernel in the environment of ``python``."""
-    return [str(python), "-c", bootstrap_code(max_output), "-f", "{connection_file}"]
+    code = bootstrap_code(max_output, niceness=niceness)
+    return [str(python), "-c", code, "-f", "{connection_file}"]

@@ -21,6 +21,9 @@ from hypha_conda_plugin.kernel import Kernel
 from hypha_conda_plugin.outputs import DEFAULT_MAX_OUTPUT_BYTES
 from hypha_conda_plugin.sandbox import Sandbox, child_setup, with_memory_limit
 
+#: Kernels run below the Hypha server's CPU priority: busy cells share what the server
+#: leaves, and the server keeps answering every user (see kernel_bootstrap).
+KERNEL_NICENESS = 10
 _PYTHON_DIR = re.compile(r"^python(\d+\.\d+)$")
 
 
@@ -88,6 +91,7 @@ class KernelLauncher:
             log_path=instance.kernel_dir / "kernel.log",
             runtime_dir=instance.kernel_dir,
             max_output_bytes=self.max_output_bytes,
+            niceness=KERNEL_NICENESS,
             wrap=wrap if self.sandbox.enabled else None,
             # Without a sandbox, the limit and a parent-death signal are set between fork
             # and exec. With it, bwrap dies with us and the limit is set inside, so the
