@@ -310,7 +310,9 @@ def with_memory_limit(argv: Sequence[str], limit: int | None) -> list[str]:
     return ["/bin/sh", "-c", f'ulimit -v {kib} && exec "$0" "$@"', *argv]
 
 
-def child_setup(memory_limit: int | None, *, die_with_parent: bool) -> Callable[[], None]:
+def child_setup(
+    memory_limit: int | None, *, die_with_parent: bool, niceness: int = 0
+) -> Callable[[], None]:
     """A ``preexec_fn`` for kernel processes: memory limit and parent-death signal.
 
     Runs in the forked child before exec, so it only makes async-signal-safe system
@@ -320,6 +322,8 @@ def child_setup(memory_limit: int | None, *, die_with_parent: bool) -> Callable[
     libc = ctypes.CDLL(None, use_errno=True) if die_with_parent else None
 
     def setup() -> None:
+        if niceness:
+            os.nice(niceness)
         if memory_limit is not None:
             resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
         if libc is not None:

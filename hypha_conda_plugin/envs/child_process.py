@@ -34,7 +34,9 @@ TAIL_BYTES = 4 * 1024 * 1024
 EXIT_GRACE = 5.0
 
 OnRecord = Callable[[bytes], Awaitable[None]]
-_DIE_WITH_PARENT = child_setup(None, die_with_parent=True)
+#: Builds die with the worker and run below the server's CPU priority (a solve or an
+#: install must not slow every Hypha user down).
+_DIE_WITH_PARENT = child_setup(None, die_with_parent=True, niceness=10)
 
 
 class ChildTimeout(Exception):
