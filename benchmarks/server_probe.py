@@ -1,21 +1,25 @@
-"""Is the Hypha server answering? A probe in a thread of its own, measuring round trips.
+"""Is the Hypha server answering? A probe in a process of its own, measuring round trips.
 
 The worker lives in the server's event loop, so a stall there is a stall for every
 Hypha user. The probe keeps asking the server, every ``period`` seconds, for a websocket
-``echo`` (through Hypha's RPC) and an HTTP liveness check, from its own thread and event
-loop so the benchmark's own work cannot delay it; the worst round trip during a phase is
-the longest the server kept a user waiting.
+``echo`` (through Hypha's RPC) and an HTTP liveness check, from a separate process (so
+neither the benchmark's own work nor its interpreter lock can delay it); the worst round
+trip during a phase is the longest the server kept a user waiting.
+
+``with ServerProbe(url, token) as probe: ...`` then ``probe.report``; run as a script,
+it probes until its standard input closes and prints the round trips as JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import statistics
-import threading
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
-
-import httpx
 
 
 @dataclass
@@ -32,46 +36,57 @@ class ProbeReport:
 
 
 class ServerProbe:
-    """``with ServerProbe(url, token) as probe: ...`` then ``probe.report``."""
-
     def __init__(self, url: str, token: str, period: float = 0.02) -> None:
         self.url = url
         self.token = token
         self.period = period
         self.report = ProbeReport()
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
-        self._error: BaseException | None = None
+        self._process: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> ServerProbe:
-        self._thread.start()
-        self._ready.wait(30)
+        self._process = subprocess.Popen(
+            [sys.executable, __file__, self.url, str(self.period)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PROBE_TOKEN": self.token},
+        )
+        ready = self._process.stdout.readline()
+        if ready.strip() != "ready":
+            raise RuntimeError(f"server probe did not start: {ready!r}")
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        if self._error is not None:
-            raise RuntimeError(f"server probe failed: {self._error}") from self._error
+        assert self._process is not None
+        out, _ = self._process.communicate("", timeout=60)
+        # hypha_rpc may log to standard output too: the report is the last JSON line.
+        data = json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+        self.report = ProbeReport(echo=data["echo"], health=data["health"])
 
-    async def _run(self) -> None:
-        from hypha_rpc import connect_to_server
 
-        try:
-            api = await connect_to_server({"server_url": self.url, "token": self.token})
-            async with httpx.AsyncClient(timeout=30) as http:
-                self._ready.set()
-                while not self._stop.is_set():
-                    began = time.perf_counter()
-                    await api.echo("ping")
-                    middle = time.perf_counter()
-                    await http.get(f"{self.url}/health/liveness")
-                    end = time.perf_counter()
-                    self.report.echo.append(middle - began)
-                    self.report.health.append(end - middle)
-                    await asyncio.sleep(self.period)
-            await api.disconnect()
-        except BaseException as error:  # surfaced in __exit__
-            self._error = error
-            self._ready.set()
+async def _probe(url: str, token: str, period: float) -> ProbeReport:
+    import httpx
+    from hypha_rpc import connect_to_server
+
+    report = ProbeReport()
+    api = await connect_to_server({"server_url": url, "token": token})
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_reader(sys.stdin.fileno(), lambda: stop.set() if not sys.stdin.read() else None)
+    async with httpx.AsyncClient(timeout=30) as http:
+        print("ready", flush=True)
+        while not stop.is_set():
+            began = time.perf_counter()
+            await api.echo("ping")
+            middle = time.perf_counter()
+            await http.get(f"{url}/health/liveness")
+            report.echo.append(middle - began)
+            report.health.append(time.perf_counter() - middle)
+            await asyncio.sleep(period)
+    await api.disconnect()
+    return report
+
+
+if __name__ == "__main__":
+    result = asyncio.run(_probe(sys.argv[1], os.environ["PROBE_TOKEN"], float(sys.argv[2])))
+    print(json.dumps({"echo": result.echo, "health": result.health}))

@@ -23,7 +23,7 @@ from hypha_conda_plugin.sandbox import Sandbox, child_setup, with_memory_limit
 
 #: Kernels run below the Hypha server's CPU priority: busy cells share what the server
 #: leaves, and the server keeps answering every user (see kernel_bootstrap).
-KERNEL_NICENESS = 10
+KERNEL_NICENESS = 19
 _PYTHON_DIR = re.compile(r"^python(\d+\.\d+)$")
 
 
