@@ -54,20 +54,7 @@ class KernelLauncher:
         await kernel.start(timeout=self.start_timeout)
         return kernel
 
-    async def warm_bytecode(self, instance: Instance, prefix: Path) -> None:
-        """Start and stop one kernel with the environment writable, so the bytecode of
-        everything a kernel imports at start is written into it (see envs/bytecode.py).
-        Confined like any kernel: the environment's own code runs here."""
-        version = await self.python_version_of(prefix)
-        await asyncio.to_thread(instance.create, version)
-        kernel = self.kernel_for(instance, prefix, writable_env=True)
-        try:
-            await kernel.start(timeout=self.start_timeout)
-        finally:
-            await kernel.shutdown()
-            await asyncio.to_thread(instance.remove)
-
-    def kernel_for(self, instance: Instance, prefix: Path, *, writable_env: bool = False) -> Kernel:
+    def kernel_for(self, instance: Instance, prefix: Path) -> Kernel:
         """The (not yet started) kernel of an instance whose folders exist."""
         env = clean_env(prefix, extra={**instance.kernel_env(), RUN_MARKER_VARIABLE: self.run_id})
         # A session's own `pip install` lands in its user site (see Instance.kernel_env).
@@ -79,8 +66,7 @@ class KernelLauncher:
                 instance_root=instance.root,
                 tmp_dir=instance.tmp,
                 passwd_file=instance.passwd_file,
-                read_only=[] if writable_env else [prefix],
-                read_write=[prefix] if writable_env else [],
+                read_only=[prefix],
                 cwd=instance.work,
             )
 

@@ -128,13 +128,12 @@ class Sandbox:
         tmp_dir: Path,
         passwd_file: Path,
         read_only: Sequence[Path] = (),
-        read_write: Sequence[Path] = (),
         cwd: Path,
     ) -> list[str]:
         """``argv`` wrapped in bwrap; the unchanged ``argv`` when there is no sandbox.
 
-        ``instance_root`` (the session's own folder) and ``read_write`` are bound
-        read-write at their host paths, ``read_only`` (its environment) read-only.
+        ``instance_root`` (the session's own folder) is bound read-write at its host
+        path, ``read_only`` (its environment) read-only.
         ``tmp_dir`` becomes ``/tmp``. Order matters: ``/tmp`` is mounted before folders
         that may lie below it on the host, or it would hide them.
         """
@@ -147,8 +146,6 @@ class Sandbox:
         for path in read_only:
             args += ["--ro-bind", str(path), str(path)]
         args += ["--bind", str(instance_root), str(instance_root)]
-        for path in read_write:
-            args += ["--bind", str(path), str(path)]
         # jupyter_client sets JPY_PARENT_PID to the worker's pid: meaningless in a PID
         # namespace, where ipykernel's parent poller would see pid 1 and exit at once.
         args += ["--unsetenv", "JPY_PARENT_PID", "--chdir", str(cwd), "--", *argv]

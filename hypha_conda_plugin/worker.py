@@ -20,8 +20,9 @@ from hypha_conda_plugin import __version__, validation
 from hypha_conda_plugin.aio import gather_or_cancel
 from hypha_conda_plugin.app_version import choose_version
 from hypha_conda_plugin.callbacks import DRAIN_TIMEOUT, Progress
-from hypha_conda_plugin.envs.bytecode import compile_remaining, seal
+from hypha_conda_plugin.envs.bytecode import compile_kernel_start
 from hypha_conda_plugin.envs.cache import EnvCache
+from hypha_conda_plugin.envs.completion import EnvironmentCompletion
 from hypha_conda_plugin.envs.eviction import DAY, CacheLimits
 from hypha_conda_plugin.envs.selection import make_builder
 from hypha_conda_plugin.envs.spec import EnvSpec
@@ -128,6 +129,7 @@ class CondaWorker:
             ),
         )
         self._background: set[asyncio.Task[Any]] = set()
+        self.completion = EnvironmentCompletion(self.envs)
         self.sessions = SessionManager(settings.max_log_entries, settings.max_log_bytes)
         # Checks app tokens and agents' tokens with the server this worker belongs to.
         self.tokens = TokenVerifier(self.server_url)
@@ -183,8 +185,8 @@ class CondaWorker:
                 self.sessions.count() + self.pool.warm_count < self.settings.max_sessions
             ),
         )
-        # The cache asks the pool to let go of an environment it must remove or rebuild.
-        self.envs.on_reclaim = self.pool.reclaim
+        # The cache asks for an environment it must remove or rebuild back.
+        self.envs.on_reclaim = self._reclaim
         self.sandbox = sandbox
         self.envs.start_maintenance()  # sweeps what a killed run left, then periodically
         self._spawn(self._housekeeping())
@@ -192,27 +194,16 @@ class CondaWorker:
     async def _finish_environment(self, prefix: Path, progress: Progress) -> None:
         """Before a freshly built environment is marked ready: the bytecode a kernel
         needs at start (the rest follows in the background, see envs/bytecode.py)."""
-        await self.prepare()
-        assert self.launcher is not None
         await progress(
             {"type": "info", "stage": "environment", "message": "Compiling the kernel's bytecode"}
         )
-        await self.launcher.warm_bytecode(self.root.new_instance(), prefix)
+        await compile_kernel_start(prefix)
 
-    async def _complete_environment(self, spec: EnvSpec) -> None:
-        """Compile the rest of a new environment's bytecode, then seal it read-only.
-
-        It holds a lease meanwhile: the environment is in use (a prune or an eviction
-        that removed it under a compile would see its folders written again)."""
-        # A use (touch): an environment still being completed is not the warm pool's
-        # to give back, and it was just built for a session.
-        lease = await self.envs.acquire(spec, _quiet)
-        try:
-            if await compile_remaining(lease.prefix):
-                await asyncio.to_thread(seal, lease.prefix)
-                logger.info("Environment %s compiled and sealed read-only", lease.key)
-        finally:
-            await lease.release()
+    async def _reclaim(self, key: str) -> None:
+        """Let go of environment ``key`` where we hold it only for ourselves: its warm
+        kernels and its background completion."""
+        assert self.pool is not None
+        await asyncio.gather(self.pool.reclaim(key), self.completion.let_go(key))
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:
         """Background work of the worker; cancelled (children killed) by close()."""
@@ -297,7 +288,7 @@ class CondaWorker:
                 )
             session.env = await self.envs.acquire(request.spec, progress)
             if not session.env.reused:
-                self._spawn(self._complete_environment(request.spec))
+                self._spawn(self.completion.run(request.spec))
             await self._start_kernel(session, request, progress)
             if session.kernel is not None and request.app_env:
                 await self._bootstrap(session, request.app_env)

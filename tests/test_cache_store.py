@@ -218,13 +218,25 @@ def test_eviction_policy_order_and_reasons():
         tried.append(r.key)
         return Removal.IN_USE if r.key in busy else Removal.REMOVED
 
-    removed, kept = evict(records, CacheLimits(max_envs=2, max_age=1000), now, remove)
+    removed, kept, reclaim = evict(records, CacheLimits(max_envs=2, max_age=1000), now, remove)
     assert [(r.key, why.split(",")[0].split(";")[0]) for r, why in removed] == [
         ("b", "built 1.4 h ago"),
         ("c", "least recently used"),
     ]
     assert [r.key for r in kept] == ["a"]
+    assert reclaim == []
     assert tried == ["b", "a", "c"]
+
+    # Held only by this worker's warm kernels or bytecode pass, "a" keeps its turn: it is
+    # to be given back and removed, and "c", more recently used, stays.
+    tried.clear()
+    removed, kept, reclaim = evict(
+        records, CacheLimits(max_envs=2, max_age=1000), now, remove, reclaimable={"a"}
+    )
+    assert [r.key for r, _ in removed] == ["b"]
+    assert [r.key for r in reclaim] == ["a"]
+    assert kept == []
+    assert tried == ["b", "a"]
 
 
 def test_keyed_locks_forget_keys_nobody_holds():

@@ -534,7 +534,7 @@ class EnvCache:
         use, and what holds it now (if anything) is only warm kernels the pool can give
         back, sweep again now rather than at the next interval."""
         report = self.last_sweep
-        if report is None or key not in report.kept_in_use:
+        if report is None or key not in (*report.kept_in_use, *report.to_reclaim):
             return
         if not any(lease.touch for lease in self._leases.get(key, ())):
             self._wake_sweep()
@@ -582,22 +582,26 @@ class EnvCache:
 
     async def sweep_now(self) -> SweepReport:
         """One sweep (eviction and crash leftovers), in a thread; never raises."""
+        # Held here only by warm kernels or background work (no use, no session): those
+        # environments keep their turn to go, once their holders let go.
+        reclaimable = frozenset(
+            key
+            for key, holders in self._leases.items()
+            if holders and not any(lease.touch for lease in holders)
+        )
         try:
-            report = await asyncio.to_thread(sweep, self.layout, self.limits)
+            report = await asyncio.to_thread(
+                sweep, self.layout, self.limits, reclaimable=reclaimable
+            )
         except Exception:
             logger.exception("Environment cache sweep of %s failed", self.envs_dir)
             return SweepReport()
         self.last_sweep = report
-        warm_only = [
-            key
-            for key in report.kept_in_use
-            if self._leases.get(key) and not any(lease.touch for lease in self._leases[key])
-        ]
-        if warm_only and self.on_reclaim is not None:
-            for key in warm_only:
+        if report.to_reclaim and self.on_reclaim is not None:
+            for key in report.to_reclaim:
                 with contextlib.suppress(Exception):
                     await self.on_reclaim(key)
-            if any(not self._leases.get(key) for key in warm_only):
+            if any(not self._leases.get(key) for key in report.to_reclaim):
                 self._wake_sweep()  # they let go: try again at once (only then, no spin)
         return report
 

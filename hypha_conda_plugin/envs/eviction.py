@@ -11,7 +11,10 @@ Policy (``evict``), in this order:
 
 Whatever anyone holds (a session, a warm kernel, a build: any lease in any process) is
 skipped, and the next least recently used goes in its place; the cache may stay over its
-limits while everything in it is in use. The sweep (``sweep``) also removes what a
+limits while everything in it is in use. The exception: an environment this worker holds
+only for itself (warm kernels, the background bytecode pass: ``reclaimable``) keeps its
+turn. It is reported in ``to_reclaim``; the cache asks those holders to let go and sweeps
+again, so the least recently used still goes first. The sweep (``sweep``) also removes what a
 killed run left: half-built environments nobody is building, lock files of environments
 that no longer exist, and the trash. It runs in a thread, one process at a time per
 cache folder.
@@ -22,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +64,8 @@ class EnvRecord:
 class SweepReport:
     removed: list[tuple[str, str]] = field(default_factory=list)  # (key, why)
     kept_in_use: list[str] = field(default_factory=list)
+    #: Due to go, held only by what this worker can give back (see the module's docs).
+    to_reclaim: list[str] = field(default_factory=list)
     half_built: list[str] = field(default_factory=list)
     stale_lock_files: int = 0
     read_only: bool = False
@@ -72,11 +77,14 @@ def evict(
     limits: CacheLimits,
     now: float,
     remove: Callable[[EnvRecord], Removal],
-) -> tuple[list[tuple[EnvRecord, str]], list[EnvRecord]]:
+    reclaimable: Collection[str] = (),
+) -> tuple[list[tuple[EnvRecord, str]], list[EnvRecord], list[EnvRecord]]:
     """Apply the policy; ``remove`` tries one environment. Returns what went (with the
-    reason) and what should have gone but is in use."""
+    reason), what should have gone but is in use, and what should have gone and is held
+    only by ``reclaimable`` holders (to be asked to let go: it keeps its turn)."""
     removed: list[tuple[EnvRecord, str]] = []
     busy: list[EnvRecord] = []
+    reclaim: list[EnvRecord] = []
     remaining = sorted(records, key=lambda r: r.last_used)
     for record in list(remaining):
         age = now - record.created
@@ -84,6 +92,9 @@ def evict(
             reason = f"built {_span(age)} ago, older than CONDA_CACHE_MAX_AGE_DAYS"
             if _gone(remove(record)):
                 removed.append((record, reason))
+                remaining.remove(record)
+            elif record.key in reclaimable:
+                reclaim.append(record)
                 remaining.remove(record)
             else:
                 busy.append(record)
@@ -103,17 +114,28 @@ def evict(
             removed.append((record, reason))
             count -= 1
             size -= record.size or 0
+        elif record.key in reclaimable:
+            reclaim.append(record)  # counted as gone: a more recently used one stays
+            count -= 1
+            size -= record.size or 0
         elif record not in busy:
             busy.append(record)
-    return removed, busy
+    return removed, busy, reclaim
 
 
 def _gone(outcome: Removal) -> bool:
     return outcome in (Removal.REMOVED, Removal.MISSING)
 
 
-def sweep(layout: CacheLayout, limits: CacheLimits, *, now: float | None = None) -> SweepReport:
-    """One pass over the cache folder (blocking: run it in a thread)."""
+def sweep(
+    layout: CacheLayout,
+    limits: CacheLimits,
+    *,
+    now: float | None = None,
+    reclaimable: Collection[str] = (),
+) -> SweepReport:
+    """One pass over the cache folder (blocking: run it in a thread). ``reclaimable``:
+    keys this process holds only with leases it can give back."""
     report = SweepReport()
     if not layout.prepare():
         report.read_only = True
@@ -133,11 +155,12 @@ def sweep(layout: CacheLayout, limits: CacheLimits, *, now: float | None = None)
                 logger.warning("Removed half-built environment %s (an interrupted build)", key)
                 report.half_built.append(key)
         report.stale_lock_files = remove_stale_lock_files(layout)
-        removed, busy = evict(
+        removed, busy, reclaim = evict(
             records,
             limits,
             time.time() if now is None else now,
             lambda r: layout.remove(r.key, expect=r.signature),
+            reclaimable,
         )
         for record, reason in removed:
             logger.info(
@@ -148,6 +171,7 @@ def sweep(layout: CacheLayout, limits: CacheLimits, *, now: float | None = None)
             )
         report.removed = [(r.key, reason) for r, reason in removed]
         report.kept_in_use = [r.key for r in busy]
+        report.to_reclaim = [r.key for r in reclaim]
         if busy:
             logger.info(
                 "Kept environments in use although over the cache limits: %s",
