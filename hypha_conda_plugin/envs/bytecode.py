@@ -27,10 +27,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+from hypha_conda_plugin.aio import gather_or_cancel
 from hypha_conda_plugin.childenv import clean_env
 from hypha_conda_plugin.envs.kernel_modules import KERNEL_START_FILES
 from hypha_conda_plugin.sandbox import child_setup
@@ -41,7 +43,7 @@ logger = logging.getLogger(__name__)
 SKIP = r"(/tests?/|/testing/|/idle_test/|/lib2to3/tests/)"
 COMPILE_TIMEOUT = 900.0
 KERNEL_START_TIMEOUT = 300.0
-#: Processes for the kernel's files; each compiles its share one file after another.
+#: Compiler processes at once; each compiles its share one file after another.
 MAX_COMPILERS = 4
 #: The kernel's files are on the path of a start (the priority of builds); the rest is not.
 KERNEL_START_NICENESS = 10
@@ -58,20 +60,12 @@ async def compile_kernel_start(prefix: Path, timeout: float = KERNEL_START_TIMEO
     A failure only costs kernels import time (they compile in memory what has no
     bytecode), so it is logged, not raised; cancellation kills the compilers.
     """
-    files = await asyncio.to_thread(kernel_start_files, prefix)
-    if not files:
-        return 0
-    shares = split_by_size(files, min(MAX_COMPILERS, os.cpu_count() or 1))
+    shares = await asyncio.to_thread(lambda: _plan(kernel_start_files(prefix)))
     try:
-        await asyncio.gather(
-            *(
-                _compile(prefix, ["-i", "-"], KERNEL_START_NICENESS, timeout, share)
-                for share in shares
-            )
-        )
+        await _compile_shares(prefix, shares, KERNEL_START_NICENESS, timeout)
     except CompileFailed as error:
         logger.warning("Kernel bytecode of %s not (all) compiled: %s", prefix, error)
-    return len(files)
+    return sum(len(share) for share in shares)
 
 
 async def compile_remaining(prefix: Path, timeout: float = COMPILE_TIMEOUT) -> bool:
@@ -79,9 +73,9 @@ async def compile_remaining(prefix: Path, timeout: float = COMPILE_TIMEOUT) -> b
 
     Returns whether it finished; a failure only costs later kernels some import time.
     """
-    args = ["-j", "0", "-x", SKIP, str(prefix / "lib")]
+    shares = await asyncio.to_thread(lambda: _plan(python_sources(prefix / "lib")))
     try:
-        await _compile(prefix, args, BACKGROUND_NICENESS, timeout)
+        await _compile_shares(prefix, shares, BACKGROUND_NICENESS, timeout)
     except CompileFailed as error:
         logger.warning("Could not compile bytecode in %s: %s", prefix, error)
         return False
@@ -89,7 +83,7 @@ async def compile_remaining(prefix: Path, timeout: float = COMPILE_TIMEOUT) -> b
 
 
 def kernel_start_files(prefix: Path) -> list[Path]:
-    """The files of ``KERNEL_START_FILES`` this environment has (runs in a thread)."""
+    """The files of ``KERNEL_START_FILES`` this environment has (blocking)."""
     stdlibs = sorted(prefix.glob("lib/python3.*/os.py"))
     if not stdlibs:
         return []
@@ -104,9 +98,27 @@ def kernel_start_files(prefix: Path) -> list[Path]:
     return found
 
 
+def python_sources(lib: Path) -> list[Path]:
+    """Every ``.py`` file below ``lib`` but test suites (blocking). compileall itself
+    skips those whose bytecode is up to date."""
+    skip = re.compile(SKIP)
+    found = []
+    for root, _dirs, files in os.walk(lib):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(root, name)
+                if not skip.search(path):
+                    found.append(Path(path))
+    return found
+
+
+def _plan(files: Sequence[Path]) -> list[list[Path]]:
+    return split_by_size(files, min(MAX_COMPILERS, os.cpu_count() or 1))
+
+
 def split_by_size(files: Sequence[Path], parts: int) -> list[list[Path]]:
     """``files`` in at most ``parts`` shares of about the same total size (largest first,
-    each to the lightest share), so the compilers finish together."""
+    each to the lightest share), so the compilers finish together (blocking: stats)."""
     shares: list[list[Path]] = [[] for _ in range(max(1, parts))]
     loads = [0] * len(shares)
     sized = sorted(((_size(f), f) for f in files), key=lambda pair: pair[0], reverse=True)
@@ -124,20 +136,22 @@ def _size(path: Path) -> int:
         return 0
 
 
-async def _compile(
-    prefix: Path,
-    args: list[str],
-    niceness: int,
-    timeout: float,
-    files: Sequence[Path] = (),
+async def _compile_shares(
+    prefix: Path, shares: Sequence[Sequence[Path]], niceness: int, timeout: float
 ) -> None:
-    """Run the environment's compileall with ``args`` (file names on stdin for ``-i -``);
-    the child dies with the worker and is killed with its group on a timeout or a cancel."""
-    argv = [str(prefix / "bin" / "python"), "-I", "-S", "-m", "compileall", "-q", *args]
+    """One compiler child per share, at once. They are the worker's own children, never
+    compileall's ``-j`` pool: a pool's processes would not die with the worker."""
+    await gather_or_cancel(_compile(prefix, share, niceness, timeout) for share in shares)
+
+
+async def _compile(prefix: Path, files: Sequence[Path], niceness: int, timeout: float) -> None:
+    """Run the environment's compileall on ``files`` (names on its stdin); the child dies
+    with the worker and is killed with its group on a timeout or a cancel."""
+    argv = [str(prefix / "bin" / "python"), "-I", "-S", "-m", "compileall", "-q", "-i", "-"]
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,
-            stdin=asyncio.subprocess.PIPE if files else asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
             env=clean_env(prefix),
@@ -148,7 +162,7 @@ async def _compile(
         raise CompileFailed(str(error)) from error
     names = "".join(f"{path}\n" for path in files).encode()
     try:
-        await asyncio.wait_for(process.communicate(names if files else None), timeout)
+        await asyncio.wait_for(process.communicate(names), timeout)
     except asyncio.TimeoutError:
         _kill(process)
         await process.wait()
