@@ -35,32 +35,19 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_cache import RAW  # noqa: E402
+from measure import in_process_worker, offline_alias  # noqa: E402
 from tables import print_table  # noqa: E402
 
-from hypha_conda_plugin.channel import build_channel  # noqa: E402
 from hypha_conda_plugin.envs.spec import EnvSpec  # noqa: E402
-from hypha_conda_plugin.settings import Settings  # noqa: E402
-from hypha_conda_plugin.worker import CondaWorker  # noqa: E402
 
 MANIFEST = {"dependencies": ["python", "numpy"]}
 CTX = {"ws": "bench", "user": {"id": "bench-user"}}
 IMPORT = "import numpy"
 
 
-def worker_for(root: Path, alias: str) -> CondaWorker:
-    return CondaWorker(
-        Settings(
-            cache_dir=root / "cache",
-            working_dir=root / "sessions",
-            channel_alias=alias,
-            kernel_pool_size=0,
-        )
-    )
-
-
 async def ours(root: Path, alias: str) -> dict[str, float]:
     """One cold start, its first import, and the second session after it."""
-    worker = worker_for(root, alias)
+    worker = in_process_worker(root, alias)
     times: dict[str, float] = {}
     try:
         began = time.perf_counter()
@@ -150,14 +137,12 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    alias = build_channel(
-        REPO / ".cache" / "offline-channel", ["numpy", "pandas"], log=lambda _: None
-    ).alias_url
+    alias = offline_alias()
     ours_runs: list[dict[str, float]] = []
     base_runs: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        warm = worker_for(root, alias)  # fills the package cache both sides then use
+        warm = in_process_worker(root, alias)  # fills the package cache both sides then use
         await warm.start({"id": "prime", "manifest": MANIFEST}, context=CTX)
         await warm.close()
         for run in range(args.runs):

@@ -23,10 +23,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hypha_rpc import connect_to_server  # noqa: E402
-from measure import rss_mb  # noqa: E402
+from measure import offline_alias, rss_mb  # noqa: E402
 from tables import print_table  # noqa: E402
 
-from hypha_conda_plugin.channel import build_channel  # noqa: E402
 from hypha_conda_plugin.local_server import LocalServer  # noqa: E402
 from hypha_conda_plugin.outputs import CellOutputs  # noqa: E402
 
@@ -64,9 +63,7 @@ async def echoes_while(other, pid: int, work) -> tuple[float, list[float], float
 
 
 async def flood(runs: int) -> None:
-    alias = build_channel(
-        REPO / ".cache" / "offline-channel", ["numpy", "pandas"], log=lambda _: None
-    ).alias_url
+    alias = offline_alias()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         plugin_env = {

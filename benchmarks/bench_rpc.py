@@ -20,10 +20,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hypha_rpc import connect_to_server  # noqa: E402
-from measure import median_ms, rss_mb, tree_rss_mb  # noqa: E402
+from measure import median_ms, offline_alias, rss_mb, tree_rss_mb  # noqa: E402
 from tables import print_table  # noqa: E402
 
-from hypha_conda_plugin.channel import build_channel  # noqa: E402
 from hypha_conda_plugin.local_server import LocalServer  # noqa: E402
 from hypha_conda_plugin.settings import Settings  # noqa: E402
 from hypha_conda_plugin.worker import CondaWorker  # noqa: E402
@@ -50,9 +49,7 @@ async def main() -> None:
     parser.add_argument("--executes", type=int, default=50)
     parser.add_argument("--sessions", type=int, default=4)
     args = parser.parse_args()
-    alias = build_channel(
-        REPO / ".cache" / "offline-channel", ["numpy", "pandas"], log=lambda _: None
-    ).alias_url
+    alias = offline_alias()
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -19,16 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from measure import quiet, tree_rss_mb  # noqa: E402
+from measure import in_process_worker, offline_alias, quiet, tree_rss_mb  # noqa: E402
 from tables import print_table  # noqa: E402
 
-from hypha_conda_plugin.channel import build_channel  # noqa: E402
 from hypha_conda_plugin.envs.spec import EnvSpec  # noqa: E402
 from hypha_conda_plugin.instances import WorkingRoot  # noqa: E402
 from hypha_conda_plugin.launcher import KernelLauncher  # noqa: E402
 from hypha_conda_plugin.sandbox import UNSANDBOXED_GUARANTEES, Isolation, Sandbox  # noqa: E402
-from hypha_conda_plugin.settings import Settings  # noqa: E402
-from hypha_conda_plugin.worker import CondaWorker  # noqa: E402
 
 
 async def main() -> None:
@@ -36,19 +33,10 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=9)
     parser.add_argument("--executes", type=int, default=30)
     args = parser.parse_args()
-    alias = build_channel(
-        REPO / ".cache" / "offline-channel", ["numpy", "pandas"], log=lambda _: None
-    ).alias_url
+    alias = offline_alias()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        worker = CondaWorker(
-            Settings(
-                cache_dir=root / "cache",
-                working_dir=root / "w",
-                channel_alias=alias,
-                kernel_pool_size=0,
-            )
-        )
+        worker = in_process_worker(root, alias)
         sandbox = await worker.prepare()
         if not sandbox.enabled:
             print(f"The sandbox cannot run here ({sandbox.isolation.detail}); nothing to compare.")

@@ -29,12 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from measure import quiet, timed  # noqa: E402
+from measure import in_process_worker, quiet, timed  # noqa: E402
 from tables import print_table  # noqa: E402
 
 from hypha_conda_plugin.channel import build_channel  # noqa: E402
-from hypha_conda_plugin.settings import Settings  # noqa: E402
-from hypha_conda_plugin.worker import CondaWorker  # noqa: E402
 
 PACKAGES = ["numpy", "pandas"]
 MANIFEST = {"dependencies": ["python", *PACKAGES]}
@@ -65,18 +63,6 @@ class LagProbe:
         self._task.cancel()
 
 
-def worker_for(root: Path, alias: str) -> CondaWorker:
-    # No warm kernels: these rows measure a kernel start (bench_starts.py has the pool).
-    return CondaWorker(
-        Settings(
-            cache_dir=root / "cache",
-            working_dir=root / "sessions",
-            channel_alias=alias,
-            kernel_pool_size=0,
-        )
-    )
-
-
 async def environment_rows(alias: str, runs: int, wheels: Path) -> list[tuple]:
     from hypha_conda_plugin.envs.spec import EnvSpec
 
@@ -85,11 +71,11 @@ async def environment_rows(alias: str, runs: int, wheels: Path) -> list[tuple]:
     for _ in range(runs):
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            cache = worker_for(root, alias).envs
+            cache = in_process_worker(root, alias).envs
             cold.append(await timed(lambda c=cache: c.acquire(spec, quiet)))
             reuse.append(await timed(lambda c=cache: c.acquire(spec, quiet)))
             shutil.rmtree(root / "cache" / "envs")  # keep the package cache
-            cache = worker_for(root, alias).envs
+            cache = in_process_worker(root, alias).envs
             warm_pkgs.append(await timed(lambda c=cache: c.acquire(spec, quiet)))
             uv.append(await timed(lambda r=root: uv_install(r / "venv", wheels)))
     base = statistics.median(uv)
@@ -136,7 +122,7 @@ async def kernel_rows(alias: str, runs: int, executes: int) -> list[tuple]:
     from jupyter_client.manager import AsyncKernelManager
 
     with tempfile.TemporaryDirectory() as tmp:
-        worker = worker_for(Path(tmp), alias)
+        worker = in_process_worker(Path(tmp), alias)
         start, execute, stop = [], [], []
         for run in range(runs):
             sid = f"bench-{run}"
@@ -192,7 +178,7 @@ async def loop_rows(alias: str) -> list[tuple]:
     with LagProbe() as idle:
         await asyncio.sleep(2)
     with tempfile.TemporaryDirectory() as tmp:
-        worker = worker_for(Path(tmp), alias)
+        worker = in_process_worker(Path(tmp), alias)
         with LagProbe() as busy:
             await worker.start({"id": "lag", "manifest": MANIFEST}, context=CTX)
             await worker.execute("lag", "sum(range(10**6))", context=CTX)

@@ -28,11 +28,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hypha_rpc import connect_to_server  # noqa: E402
-from measure import pct, timed  # noqa: E402
+from measure import offline_alias, pct, timed  # noqa: E402
 from server_probe import ProbeReport, ServerProbe  # noqa: E402
 from tables import print_table  # noqa: E402
 
-from hypha_conda_plugin.channel import build_channel  # noqa: E402
 from hypha_conda_plugin.local_server import LocalServer  # noqa: E402
 
 MANIFEST = {"dependencies": ["python", "numpy"]}
@@ -135,9 +134,7 @@ async def main() -> None:
     parser.add_argument("--executes", type=int, default=50)
     parser.add_argument("--pause", type=float, default=2.0, help="between pooled starts")
     args = parser.parse_args()
-    alias = build_channel(
-        REPO / ".cache" / "offline-channel", ["numpy", "pandas"], log=lambda _: None
-    ).alias_url
+    alias = offline_alias()
     ms = 1000.0
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

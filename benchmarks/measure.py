@@ -9,6 +9,33 @@ from pathlib import Path
 
 import psutil
 
+from hypha_conda_plugin.channel import build_channel
+from hypha_conda_plugin.settings import Settings
+from hypha_conda_plugin.worker import CondaWorker
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def offline_alias() -> str:
+    """The offline test channel (built in ``.cache`` if missing) as a channel alias."""
+    channel = build_channel(
+        REPO / ".cache" / "offline-channel", ["numpy", "pandas"], log=lambda _: None
+    )
+    return channel.alias_url
+
+
+def in_process_worker(root: Path, alias: str, **settings: object) -> CondaWorker:
+    """A worker used in this process (no Hypha in between), folders under ``root``; no
+    warm kernels unless asked, so a start measures a kernel start."""
+    return CondaWorker(
+        Settings(
+            cache_dir=root / "cache",
+            working_dir=root / "sessions",
+            channel_alias=alias,
+            **{"kernel_pool_size": 0, **settings},
+        )
+    )
+
 
 async def quiet(_: dict) -> None:
     """A progress sink for work nobody watches."""
