@@ -10,15 +10,18 @@ Compiling everything takes seconds (3.5 s for a numpy environment on 2 cores), w
 cold start should not wait for. So it is done in two steps:
 
 1. before the environment is marked ready, the files a kernel imports at start (about
-   530, listed in ``kernel_modules.py``) are compiled, split over a few processes: about
-   0.8 s on 2 cores, where a first kernel writing them as it imports takes 2 s;
+   520, listed in ``kernel_modules.py``) are compiled, split over a few processes: about
+   1 s on 2 cores, where a first kernel writing them as it imports took 2 to 2.5 s;
 2. once the environment is ready, the rest is compiled in the background at the lowest
-   priority, and then the environment is sealed (write bits removed), so that without a
-   sandbox a kernel of a non-root worker cannot change what other sessions import.
+   priority (``completion.py``), and then the environment is sealed (write bits
+   removed), so that without a sandbox a kernel of a non-root worker cannot change what
+   other sessions import.
 
-Both run the environment's python as ``python -I -S -m compileall``: it parses files and
-runs no package code (``-S``: no ``site``, so no ``.pth`` file of a package runs, and
-``-I``: no variable or user folder of the worker's changes what it does).
+Both run the environment's python as ``python -I -S -m compileall -i -``, one child per
+share of the files: it parses files and runs no package code (``-S``: no ``site``, so no
+``.pth`` file of a package runs; ``-I``: no variable or user folder of the worker's
+changes what it does). compileall's own ``-j`` is not used: its pool's processes are
+grandchildren that would outlive a killed worker.
 """
 
 from __future__ import annotations
