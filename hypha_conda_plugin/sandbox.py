@@ -308,19 +308,28 @@ def with_memory_limit(argv: Sequence[str], limit: int | None) -> list[str]:
 
 
 def child_setup(
-    memory_limit: int | None, *, die_with_parent: bool, niceness: int = 0
+    memory_limit: int | None,
+    *,
+    die_with_parent: bool,
+    niceness: int = 0,
+    idle: bool = False,
 ) -> Callable[[], None]:
-    """A ``preexec_fn`` for kernel processes: memory limit and parent-death signal.
+    """A ``preexec_fn`` for child processes: memory limit, parent-death signal, priority.
 
     Runs in the forked child before exec, so it only makes async-signal-safe system
     calls. ``RLIMIT_AS`` is inherited by everything the kernel starts (each process gets
-    its own limit), and a Python that hits it raises ``MemoryError``.
+    its own limit), and a Python that hits it raises ``MemoryError``. ``idle``: the
+    ``SCHED_IDLE`` policy, CPU only when nothing else wants it (work nobody waits for;
+    at nice 19 it would still take half the CPU from a kernel at nice 19).
     """
     libc = ctypes.CDLL(None, use_errno=True) if die_with_parent else None
 
     def setup() -> None:
         if niceness:
             os.nice(niceness)
+        if idle:
+            with contextlib.suppress(OSError, AttributeError):
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         if memory_limit is not None:
             resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
         if libc is not None:

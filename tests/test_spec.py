@@ -205,3 +205,14 @@ def test_manifest_tokens_separate_environments_but_a_mirror_password_does_not():
     assert key(manifest, alias="https://ci:old-pass@mirror.example/") == key(
         manifest, alias="https://ci:new-pass@mirror.example/"
     )
+
+
+def test_requested_packages_are_the_manifests_own_names():
+    # What the background bytecode pass compiles first: the packages the user's cells
+    # will import, not the interpreter or what the worker added for the kernel.
+    spec = EnvSpec.from_manifest(
+        {"dependencies": ["python=3.11", "NumPy >=1.26", "conda-forge::pandas", {"pip": ["x"]}]},
+        for_app=True,
+    )
+    assert spec.requested_packages == {"numpy", "pandas"}
+    assert {"ipykernel", "hypha-rpc"} <= set(spec.added)  # in the environment, not first

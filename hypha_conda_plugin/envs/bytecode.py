@@ -12,10 +12,10 @@ cold start should not wait for. So it is done in two steps:
 1. before the environment is marked ready, the files a kernel imports at start (about
    520, listed in ``kernel_modules.py``) are compiled, split over a few processes: about
    1 s on 2 cores, where a first kernel writing them as it imports took 2 to 2.5 s;
-2. once the environment is ready, the rest is compiled in the background at the lowest
-   priority (``completion.py``), and then the environment is sealed (write bits
-   removed), so that without a sandbox a kernel of a non-root worker cannot change what
-   other sessions import.
+2. once the environment is ready, the rest is compiled in the background at idle
+   priority (``completion.py``; it must not slow the kernels it is for), and then the
+   environment is sealed (write bits removed), so that without a sandbox a kernel of a
+   non-root worker cannot change what other sessions import.
 
 Both run the environment's python as ``python -I -S -m compileall -i -``, one child per
 share of the files: it parses files and runs no package code (``-S``: no ``site``, so no
@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
 import stat
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from hypha_conda_plugin.aio import gather_or_cancel
@@ -48,7 +49,8 @@ COMPILE_TIMEOUT = 900.0
 KERNEL_START_TIMEOUT = 300.0
 #: Compiler processes at once; each compiles its share one file after another.
 MAX_COMPILERS = 4
-#: The kernel's files are on the path of a start (the priority of builds); the rest is not.
+#: The kernel's files are on the path of a start (the priority of builds); the rest is
+#: not: it runs at idle priority (below kernels), nice 19 where that is refused.
 KERNEL_START_NICENESS = 10
 BACKGROUND_NICENESS = 19
 
@@ -71,14 +73,21 @@ async def compile_kernel_start(prefix: Path, timeout: float = KERNEL_START_TIMEO
     return sum(len(share) for share in shares)
 
 
-async def compile_remaining(prefix: Path, timeout: float = COMPILE_TIMEOUT) -> bool:
-    """Compile every module of the environment that has no bytecode yet, at low priority.
+async def compile_remaining(
+    prefix: Path, first: Collection[str] = (), timeout: float = COMPILE_TIMEOUT
+) -> bool:
+    """Compile every module of the environment that has no bytecode yet, at idle
+    priority: first the files of the conda packages named in ``first`` (what the
+    manifest asked for, so likely what the next cells import), then everything else.
 
     Returns whether it finished; a failure only costs later kernels some import time.
     """
-    shares = await asyncio.to_thread(lambda: _plan(python_sources(prefix / "lib")))
     try:
-        await _compile_shares(prefix, shares, BACKGROUND_NICENESS, timeout)
+        if first:
+            shares = await asyncio.to_thread(lambda: _plan(package_sources(prefix, first)))
+            await _compile_shares(prefix, shares, None, timeout)
+        shares = await asyncio.to_thread(lambda: _plan(python_sources(prefix / "lib")))
+        await _compile_shares(prefix, shares, None, timeout)
     except CompileFailed as error:
         logger.warning("Could not compile bytecode in %s: %s", prefix, error)
         return False
@@ -115,6 +124,25 @@ def python_sources(lib: Path) -> list[Path]:
     return found
 
 
+def package_sources(prefix: Path, names: Collection[str]) -> list[Path]:
+    """The ``.py`` files that the conda packages ``names`` installed, from their records
+    in ``conda-meta`` (blocking)."""
+    skip = re.compile(SKIP)
+    found = []
+    for record in (prefix / "conda-meta").glob("*.json"):
+        if not any(record.name.startswith(f"{name}-") for name in names):
+            continue  # conda-meta/<name>-<version>-<build>.json: only read those named
+        try:
+            meta = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("name") in names:
+            for file in meta.get("files") or ():
+                if isinstance(file, str) and file.endswith(".py") and not skip.search(file):
+                    found.append(prefix / file)
+    return found
+
+
 def _plan(files: Sequence[Path]) -> list[list[Path]]:
     return split_by_size(files, min(MAX_COMPILERS, os.cpu_count() or 1))
 
@@ -140,16 +168,19 @@ def _size(path: Path) -> int:
 
 
 async def _compile_shares(
-    prefix: Path, shares: Sequence[Sequence[Path]], niceness: int, timeout: float
+    prefix: Path, shares: Sequence[Sequence[Path]], niceness: int | None, timeout: float
 ) -> None:
     """One compiler child per share, at once. They are the worker's own children, never
     compileall's ``-j`` pool: a pool's processes would not die with the worker."""
     await gather_or_cancel(_compile(prefix, share, niceness, timeout) for share in shares)
 
 
-async def _compile(prefix: Path, files: Sequence[Path], niceness: int, timeout: float) -> None:
+async def _compile(
+    prefix: Path, files: Sequence[Path], niceness: int | None, timeout: float
+) -> None:
     """Run the environment's compileall on ``files`` (names on its stdin); the child dies
-    with the worker and is killed with its group on a timeout or a cancel."""
+    with the worker and is killed with its group on a timeout or a cancel. ``niceness``
+    None: idle priority (see ``child_setup``)."""
     argv = [str(prefix / "bin" / "python"), "-I", "-S", "-m", "compileall", "-q", "-i", "-"]
     try:
         process = await asyncio.create_subprocess_exec(
@@ -159,7 +190,12 @@ async def _compile(prefix: Path, files: Sequence[Path], niceness: int, timeout: 
             stderr=asyncio.subprocess.DEVNULL,
             env=clean_env(prefix),
             start_new_session=True,
-            preexec_fn=child_setup(None, die_with_parent=True, niceness=niceness),
+            preexec_fn=child_setup(
+                None,
+                die_with_parent=True,
+                niceness=BACKGROUND_NICENESS if niceness is None else niceness,
+                idle=niceness is None,
+            ),
         )
     except OSError as error:
         raise CompileFailed(str(error)) from error

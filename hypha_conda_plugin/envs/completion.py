@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +48,7 @@ class EnvironmentCompletion:
         lease = await self._cache.acquire(spec, _quiet, touch=False)
         running = self._running.setdefault(lease.key, _Running())
         try:
-            if await complete(lease.prefix, running.stop):
+            if await complete(lease.prefix, running.stop, spec.requested_packages):
                 logger.info("Environment %s compiled and sealed read-only", lease.key)
             else:
                 logger.info("Environment %s sealed read-only (not all compiled)", lease.key)
@@ -68,11 +69,12 @@ class EnvironmentCompletion:
             await asyncio.wait_for(running.done.wait(), LET_GO_WAIT)
 
 
-async def complete(prefix: Path, stop: asyncio.Event) -> bool:
-    """Compile what has no bytecode unless ``stop`` is set first, then seal the
-    environment whatever happened (even on cancellation: a kernel must never be able to
-    write into it). Returns whether every file was compiled."""
-    compiling = asyncio.ensure_future(compile_remaining(prefix))
+async def complete(prefix: Path, stop: asyncio.Event, first: Collection[str] = ()) -> bool:
+    """Compile what has no bytecode (the packages named in ``first`` first) unless
+    ``stop`` is set first, then seal the environment whatever happened (even on
+    cancellation: a kernel must never be able to write into it). Returns whether every
+    file was compiled."""
+    compiling = asyncio.ensure_future(compile_remaining(prefix, first))
     stopping = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({compiling, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -71,6 +71,13 @@ class EnvSpec:
     pip: tuple[str, ...] = ()
     added: tuple[str, ...] = field(default=(), compare=False)
 
+    @property
+    def requested_packages(self) -> frozenset[str]:
+        """Names of the conda packages the manifest asked for, but python (the
+        interpreter is in every environment) and those the worker added."""
+        named = frozenset(_package_name(spec) for spec in self.conda)
+        return named - set(self.added) - {"python"}
+
     @classmethod
     def from_manifest(
         cls,
