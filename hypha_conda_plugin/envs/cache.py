@@ -179,8 +179,9 @@ class EnvCache:
         #: Waiting for another process's build of the same key: its conda step and its
         #: pip step are each bounded by the build time limit; a minute of margin.
         self.build_wait = 2 * pip_timeout + 60
-        #: Set by whoever holds environments only to keep them warm (the kernel pool):
-        #: called with a key the cache wants to remove or rebuild, so it lets go.
+        #: Set by whoever holds environments without using them (warm kernels, the
+        #: background bytecode pass): called with a key the cache wants to remove or
+        #: rebuild, so they let go.
         self.on_reclaim: Callable[[str], Awaitable[None]] | None = None
         self.last_sweep: SweepReport | None = None
         self._locks = KeyedLocks()
@@ -531,8 +532,9 @@ class EnvCache:
 
     def _released(self, key: str) -> None:
         """A holder of ``key`` let go: if the last sweep had to keep it because it was in
-        use, and what holds it now (if anything) is only warm kernels the pool can give
-        back, sweep again now rather than at the next interval."""
+        use or due to be given back, and what holds it now (if anything) is only what
+        this worker can give back (warm kernels, the background bytecode pass), sweep
+        again now rather than at the next interval."""
         report = self.last_sweep
         if report is None or key not in (*report.kept_in_use, *report.to_reclaim):
             return
