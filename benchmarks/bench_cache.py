@@ -81,13 +81,15 @@ def worker_for(root: Path, alias: str) -> CondaWorker:
     )
 
 
-def raw_install(root: Path, alias: str, pkgs: Path) -> float:
+def raw_install(root: Path, alias: str, pkgs: Path, spec: EnvSpec = BUILD) -> float:
+    """Raw py-rattler solve + install of ``spec`` into ``root/raw-env``, in a child;
+    returns the seconds of those two calls alone."""
     prefix = root / "raw-env"
     shutil.rmtree(prefix, ignore_errors=True)
     job = {
         "alias": alias,
-        "channels": list(BUILD.channels),
-        "specs": list(BUILD.conda),
+        "channels": list(spec.channels),
+        "specs": list(spec.conda),
         "prefix": str(prefix),
         "pkgs": str(pkgs),
         "repodata": str(root / "raw-repodata"),

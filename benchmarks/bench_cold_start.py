@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,13 +31,21 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_cache import RAW  # noqa: E402
-from measure import in_process_worker, offline_alias  # noqa: E402
+from bench_cache import raw_install  # noqa: E402
+from measure import (  # noqa: E402
+    bare_execute,
+    in_process_worker,
+    offline_alias,
+    start_bare_kernel,
+    stop_bare_kernel,
+)
 from tables import print_table  # noqa: E402
 
 from hypha_conda_plugin.envs.spec import EnvSpec  # noqa: E402
+from hypha_conda_plugin.worker import CondaWorker  # noqa: E402
 
 MANIFEST = {"dependencies": ["python", "numpy"]}
+SPEC = EnvSpec.from_manifest(MANIFEST)
 CTX = {"ws": "bench", "user": {"id": "bench-user"}}
 IMPORT = "import numpy"
 
@@ -48,52 +53,36 @@ IMPORT = "import numpy"
 async def ours(root: Path, alias: str) -> dict[str, float]:
     """One cold start, its first import, and the second session after it."""
     worker = in_process_worker(root, alias)
-    times: dict[str, float] = {}
     try:
         await worker.prepare()  # once per worker process (sandbox probe), not per start
-        began = time.perf_counter()
-        first = await worker.start({"id": "first", "manifest": MANIFEST}, context=CTX)
-        times["start"] = time.perf_counter() - began
-        began = time.perf_counter()
-        result = await worker.execute(first, IMPORT, context=CTX)
-        times["import"] = time.perf_counter() - began
-        assert result["status"] == "ok", result
+        start, imported = await session_then_import(worker, "first")
         await asyncio.sleep(1)
-        began = time.perf_counter()
-        second = await worker.start({"id": "second", "manifest": MANIFEST}, context=CTX)
-        times["start2"] = time.perf_counter() - began
-        began = time.perf_counter()
-        result = await worker.execute(second, IMPORT, context=CTX)
-        times["import2"] = time.perf_counter() - began
-        assert result["status"] == "ok", result
+        start2, imported2 = await session_then_import(worker, "second")
     finally:
         await worker.close()
-    return times
+    return {"start": start, "import": imported, "start2": start2, "import2": imported2}
+
+
+async def session_then_import(worker: CondaWorker, sid: str) -> tuple[float, float]:
+    """Seconds to start session ``sid`` and to run its first ``import numpy``."""
+    began = time.perf_counter()
+    await worker.start({"id": sid, "manifest": MANIFEST}, context=CTX)
+    started = time.perf_counter()
+    result = await worker.execute(sid, IMPORT, context=CTX)
+    assert result["status"] == "ok", result
+    return started - began, time.perf_counter() - started
 
 
 async def baseline(root: Path, alias: str) -> dict[str, float]:
-    """Raw rattler install, then bare kernels that write their own bytecode."""
-    spec = EnvSpec.from_manifest(MANIFEST)
-    prefix = root / "raw-env"
-    job = {
-        "alias": alias,
-        "channels": list(spec.channels),
-        "specs": list(spec.conda),
-        "prefix": str(prefix),
-        "pkgs": str(root / "cache" / "pkgs"),
-        "repodata": str(root / "raw-repodata"),
-    }
+    """Raw rattler install, then bare kernels that write their own bytecode. The install
+    is timed whole (child start included, as our build's is)."""
     began = time.perf_counter()
-    await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-c", RAW, json.dumps(job)],
-        capture_output=True,
-        check=True,
-    )
+    await asyncio.to_thread(raw_install, root, alias, root / "cache" / "pkgs", SPEC)
     install = time.perf_counter() - began
-    first_start, first_import = await bare_kernel(prefix / "bin" / "python", root / "k1")
+    python = root / "raw-env" / "bin" / "python"
+    first_start, first_import = await bare_kernel_then_import(python, root / "k1")
     await asyncio.sleep(1)
-    second_start, second_import = await bare_kernel(prefix / "bin" / "python", root / "k2")
+    second_start, second_import = await bare_kernel_then_import(python, root / "k2")
     return {
         "start": install + first_start,
         "import": first_import,
@@ -102,36 +91,15 @@ async def baseline(root: Path, alias: str) -> dict[str, float]:
     }
 
 
-async def bare_kernel(python: Path, folder: Path) -> tuple[float, float]:
-    from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import AsyncKernelManager
-
-    spec_dir = folder / "kernels" / "raw"
-    spec_dir.mkdir(parents=True)
-    argv = [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    (spec_dir / "kernel.json").write_text(
-        json.dumps({"argv": argv, "language": "python", "display_name": "raw"})
-    )
-    km = AsyncKernelManager(
-        kernel_name="raw",
-        kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(folder / "kernels")]),
-    )
-    # As the worker's kernels used to run: writing their bytecode (this machine's own
-    # PYTHONDONTWRITEBYTECODE would make every bare kernel compile all again).
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+async def bare_kernel_then_import(python: Path, folder: Path) -> tuple[float, float]:
     began = time.perf_counter()
-    await km.start_kernel(env=env)
-    kc = km.client()
-    kc.start_channels()
-    await kc.wait_for_ready(timeout=60)
-    start = time.perf_counter() - began
-    began = time.perf_counter()
-    reply = await kc.execute_interactive(IMPORT, timeout=60, output_hook=lambda _: None)
-    imported = time.perf_counter() - began
+    km, kc = await start_bare_kernel(python, folder)
+    started = time.perf_counter()
+    reply = await bare_execute(kc, IMPORT)
+    imported = time.perf_counter() - started
+    await stop_bare_kernel(km, kc)
     assert reply["content"]["status"] == "ok", reply
-    kc.stop_channels()
-    await km.shutdown_kernel(now=True)
-    return start, imported
+    return started - began, imported
 
 
 async def main() -> None:

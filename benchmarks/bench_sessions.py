@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import statistics
 import subprocess
@@ -29,7 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from measure import in_process_worker, quiet, timed  # noqa: E402
+from measure import (  # noqa: E402
+    bare_execute,
+    in_process_worker,
+    quiet,
+    start_bare_kernel,
+    stop_bare_kernel,
+    timed,
+)
 from tables import print_table  # noqa: E402
 
 from hypha_conda_plugin.channel import build_channel  # noqa: E402
@@ -118,9 +124,6 @@ async def uv_install(venv: Path, wheels: Path) -> None:
 
 
 async def kernel_rows(alias: str, runs: int, executes: int) -> list[tuple]:
-    from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import AsyncKernelManager
-
     with tempfile.TemporaryDirectory() as tmp:
         worker = in_process_worker(Path(tmp), alias)
         start, execute, stop = [], [], []
@@ -141,29 +144,9 @@ async def kernel_rows(alias: str, runs: int, executes: int) -> list[tuple]:
         # Baseline: the same cell through a bare jupyter_client kernel of the same env.
         envs = (Path(tmp) / "cache" / "envs").iterdir()
         python = next(p for p in envs if p.is_dir()) / "bin" / "python"
-        spec_dir = Path(tmp) / "kernels" / "bench"
-        spec_dir.mkdir(parents=True)
-        argv = [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-        (spec_dir / "kernel.json").write_text(
-            json.dumps({"argv": argv, "language": "python", "display_name": "bench"})
-        )
-        raw = []
-        km = AsyncKernelManager(
-            kernel_name="bench",
-            kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec_dir.parent)]),
-        )
-        await km.start_kernel()
-        kc = km.client()
-        kc.start_channels()
-        await kc.wait_for_ready(timeout=60)
-        for _ in range(executes):
-            raw.append(
-                await timed(
-                    lambda: kc.execute_interactive("1 + 1", timeout=30, output_hook=lambda _: None)
-                )
-            )
-        kc.stop_channels()
-        await km.shutdown_kernel(now=True)
+        km, kc = await start_bare_kernel(python, Path(tmp))
+        raw = [await timed(lambda: bare_execute(kc, timeout=30)) for _ in range(executes)]
+        await stop_bare_kernel(km, kc)
     base = statistics.median(raw)
     med = statistics.median
     return [

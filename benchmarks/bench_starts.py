@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from hypha_rpc import connect_to_server  # noqa: E402
-from measure import offline_alias, pct, timed  # noqa: E402
+from measure import bare_execute, offline_alias, pct, start_bare_kernel, stop_bare_kernel, timed  # noqa: E402
 from server_probe import ProbeReport, ServerProbe  # noqa: E402
 from tables import print_table  # noqa: E402
 
@@ -39,38 +38,15 @@ MANIFEST = {"dependencies": ["python", "numpy"]}
 
 async def raw_kernel(python: Path, folder: Path, runs: int, executes: int) -> tuple[list, list]:
     """Bare jupyter_client on the same environment: start times and execute times."""
-    from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import AsyncKernelManager
-
-    spec_dir = folder / "kernels" / "raw"
-    spec_dir.mkdir(parents=True)
-    argv = [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    (spec_dir / "kernel.json").write_text(
-        json.dumps({"argv": argv, "language": "python", "display_name": "raw"})
-    )
     starts, cells = [], []
     for run in range(runs):
-        km = AsyncKernelManager(
-            kernel_name="raw",
-            kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec_dir.parent)]),
-        )
         began = time.perf_counter()
-        await km.start_kernel()
-        kc = km.client()
-        kc.start_channels()
-        await kc.wait_for_ready(timeout=60)
+        km, kc = await start_bare_kernel(python, folder)
         starts.append(time.perf_counter() - began)
         if run == 0:
             for _ in range(executes):
-                cells.append(
-                    await timed(
-                        lambda kc=kc: kc.execute_interactive(
-                            "1 + 1", timeout=30, output_hook=lambda _: None
-                        )
-                    )
-                )
-        kc.stop_channels()
-        await km.shutdown_kernel(now=True)
+                cells.append(await timed(lambda kc=kc: bare_execute(kc, timeout=30)))
+        await stop_bare_kernel(km, kc)
     return starts, cells
 
 
@@ -78,44 +54,18 @@ async def raw_concurrent(python: Path, folder: Path, kernels: int, cells: int) -
     """Baseline for the load test: ``kernels`` bare jupyter_client kernels of the same
     environment in this process, ``cells`` cells each, all at once (no Hypha, no worker):
     what the machine and jupyter_client alone give. Returns (cells/s, latencies)."""
-    from jupyter_client.kernelspec import KernelSpecManager
-    from jupyter_client.manager import AsyncKernelManager
-
-    spec_dir = folder / "kernels" / "raw"
-    if not spec_dir.exists():
-        spec_dir.mkdir(parents=True)
-        argv = [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-        (spec_dir / "kernel.json").write_text(
-            json.dumps({"argv": argv, "language": "python", "display_name": "raw"})
-        )
-    managers, clients = [], []
-    for _ in range(kernels):
-        km = AsyncKernelManager(
-            kernel_name="raw",
-            kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec_dir.parent)]),
-        )
-        await km.start_kernel()
-        kc = km.client()
-        kc.start_channels()
-        await kc.wait_for_ready(timeout=60)
-        managers.append(km)
-        clients.append(kc)
+    started = [await start_bare_kernel(python, folder) for _ in range(kernels)]
     latencies: list[float] = []
 
     async def run(kc) -> None:
         for _ in range(cells):
-            latencies.append(
-                await timed(
-                    lambda: kc.execute_interactive("1 + 1", timeout=30, output_hook=lambda _: None)
-                )
-            )
+            latencies.append(await timed(lambda: bare_execute(kc, timeout=30)))
 
     began = time.perf_counter()
-    await asyncio.gather(*(run(kc) for kc in clients))
+    await asyncio.gather(*(run(kc) for _, kc in started))
     wall = time.perf_counter() - began
-    for km, kc in zip(managers, clients, strict=True):
-        kc.stop_channels()
-        await km.shutdown_kernel(now=True)
+    for km, kc in started:
+        await stop_bare_kernel(km, kc)
     return len(latencies) / wall, latencies
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -72,3 +75,41 @@ def tree_rss_mb(pid: int) -> float:
     process that was launched, bwrap's init inside the sandbox, and the kernel."""
     root = psutil.Process(pid)
     return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+
+
+async def start_bare_kernel(python: Path, folder: Path) -> tuple[Any, Any]:
+    """The baselines' kernel: plain jupyter_client and ipykernel on ``python``, no worker,
+    no sandbox; (manager, client), ready. Its kernelspec is written under ``folder``.
+
+    Like the worker's kernels, it may write bytecode (this machine's own
+    PYTHONDONTWRITEBYTECODE would make every bare kernel compile everything again)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import AsyncKernelManager
+
+    spec_dir = folder / "kernels" / "raw"
+    if not (spec_dir / "kernel.json").exists():
+        spec_dir.mkdir(parents=True, exist_ok=True)
+        argv = [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+        (spec_dir / "kernel.json").write_text(
+            json.dumps({"argv": argv, "language": "python", "display_name": "raw"})
+        )
+    km = AsyncKernelManager(
+        kernel_name="raw",
+        kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec_dir.parent)]),
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    await km.start_kernel(env=env)
+    kc = km.client()
+    kc.start_channels()
+    await kc.wait_for_ready(timeout=60)
+    return km, kc
+
+
+async def stop_bare_kernel(km: Any, kc: Any) -> None:
+    kc.stop_channels()
+    await km.shutdown_kernel(now=True)
+
+
+async def bare_execute(kc: Any, code: str = "1 + 1", timeout: float = 60) -> dict:
+    """One cell through a bare kernel's client; its execute_reply."""
+    return await kc.execute_interactive(code, timeout=timeout, output_hook=lambda _: None)
