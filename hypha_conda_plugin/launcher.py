@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from hypha_conda_plugin.childenv import clean_env
+from hypha_conda_plugin.envs.prefix import python_version
 from hypha_conda_plugin.instances import RUN_MARKER_VARIABLE, Instance
 from hypha_conda_plugin.kernel import Kernel
 from hypha_conda_plugin.outputs import DEFAULT_MAX_OUTPUT_BYTES
@@ -24,7 +24,6 @@ from hypha_conda_plugin.sandbox import Sandbox, child_setup, with_memory_limit
 #: Kernels run below the Hypha server's CPU priority: busy cells share what the server
 #: leaves, and the server keeps answering every user (see kernel_bootstrap).
 KERNEL_NICENESS = 19
-_PYTHON_DIR = re.compile(r"^python(\d+\.\d+)$")
 
 
 class KernelLauncher:
@@ -93,19 +92,6 @@ class KernelLauncher:
         if prefix not in self._python_versions:
             self._python_versions[prefix] = await asyncio.to_thread(python_version, prefix)
         return self._python_versions[prefix]
-
-
-def python_version(prefix: Path) -> str | None:
-    """``3.11`` for an environment with ``lib/python3.11``; None when there is none."""
-    try:
-        names = [p.name for p in (prefix / "lib").iterdir()]
-    except OSError:
-        return None
-    for name in sorted(names, reverse=True):
-        match = _PYTHON_DIR.match(name)
-        if match:
-            return match.group(1)
-    return None
 
 
 def session_bootstrap(variables: Mapping[str, str]) -> str:

@@ -39,6 +39,7 @@ from pathlib import Path
 from hypha_conda_plugin.aio import gather_or_cancel
 from hypha_conda_plugin.childenv import clean_env
 from hypha_conda_plugin.envs.kernel_modules import KERNEL_START_FILES
+from hypha_conda_plugin.envs.prefix import stdlib_dir
 from hypha_conda_plugin.sandbox import child_setup
 
 logger = logging.getLogger(__name__)
@@ -96,10 +97,9 @@ async def compile_remaining(
 
 def kernel_start_files(prefix: Path) -> list[Path]:
     """The files of ``KERNEL_START_FILES`` this environment has (blocking)."""
-    stdlibs = sorted(prefix.glob("lib/python3.*/os.py"))
-    if not stdlibs:
+    stdlib = stdlib_dir(prefix)
+    if stdlib is None:
         return []
-    stdlib = stdlibs[-1].parent
     roots = {"std": stdlib, "site": stdlib / "site-packages"}
     found = []
     for entry in KERNEL_START_FILES:

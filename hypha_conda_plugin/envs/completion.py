@@ -46,7 +46,7 @@ class EnvironmentCompletion:
     async def run(self, spec: EnvSpec) -> None:
         """Compile the rest of ``spec``'s environment, then seal it (a background task)."""
         lease = await self._cache.acquire(spec, _quiet, touch=False)
-        running = self._running.setdefault(lease.key, _Running())
+        running = self._running[lease.key] = _Running()
         try:
             if await complete(lease.prefix, running.stop, spec.requested_packages):
                 logger.info("Environment %s compiled and sealed read-only", lease.key)
